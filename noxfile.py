@@ -1,0 +1,120 @@
+"""Development sessions for the taskplex workspace; `nox -l` lists them.
+
+Every session installs the workspace packages from their directories, as plain (non-editable)
+installs, so tests run against what a user would get from `pip install`. The package lists are
+read from the tree: adding `packages/backend-<name>/` is enough to have it installed, tested,
+held to the conformance suite and type-checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "conformance", "lint", "typecheck"]
+nox.options.error_on_missing_interpreters = True
+
+ROOT = Path(__file__).parent
+
+
+def _relative(path: Path) -> str:
+    return f"./{path.relative_to(ROOT).as_posix()}"
+
+
+CORE = "./packages/core"
+BACKENDS = [_relative(path) for path in sorted(ROOT.glob("packages/backend-*")) if path.is_dir()]
+PACKAGES = [CORE, *BACKENDS]
+EXAMPLE_BACKENDS = [
+    _relative(path.parent) for path in sorted(ROOT.glob("examples/backend-*/pyproject.toml"))
+]
+# Import packages (not distributions) under each src/ directory, for mypy.
+SOURCE_PACKAGES = [
+    _relative(init.parent)
+    for pattern in ("packages/*/src/*/__init__.py", "examples/*/src/*/__init__.py")
+    for init in sorted(ROOT.glob(pattern))
+]
+
+TEST_REQUIREMENTS = ["pytest", "pytest-timeout", "psutil", "build"]
+
+
+def install_workspace(session: nox.Session, *extra: str) -> None:
+    """Install core (with the conformance extra), every backend and example backend, and `extra`.
+
+    One pip call, so pip resolves each backend's dependency on taskplex-core to the local core
+    rather than to a release on the package index.
+    """
+    session.install(f"{CORE}[conformance]", *BACKENDS, *EXAMPLE_BACKENDS, *extra)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the repository's own tests in tests/ (posargs go to pytest)."""
+    install_workspace(session, *TEST_REQUIREMENTS)
+    # testpaths in pyproject.toml points pytest at tests/; posargs may narrow it.
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def conformance(session: nox.Session) -> None:
+    """Hold every installed backend to the conformance suite; none may be skipped."""
+    if not BACKENDS:
+        session.error("no packages/backend-* directory found: nothing to hold to the contracts")
+    install_workspace(session, *TEST_REQUIREMENTS)
+    # --taskplex-strict turns "this backend cannot run here" into a failure, so a backend whose
+    # infrastructure is missing fails the session instead of passing it by skipping.
+    session.run(
+        "pytest",
+        "--pyargs",
+        "taskplex.conformance",
+        "-p",
+        "no:cacheprovider",
+        "--taskplex-strict",
+        *session.posargs,
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and formatting with ruff (posargs go to `ruff check`)."""
+    session.install("ruff")
+    session.run("ruff", "check", ".", *session.posargs)
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check the source of every package and example backend with mypy (strict)."""
+    install_workspace(session, "mypy", "pytest")
+    session.run("mypy", *SOURCE_PACKAGES, *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into build/site, treating every warning as an error."""
+    install_workspace(session, "mkdocs", "mkdocs-material", "mkdocstrings[python]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "build/site", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks side by side with peer libraries and write the table."""
+    install_workspace(session, "loky", "executorlib", "ropt==0.28.1", "dask[distributed]", "psutil")
+    session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run the README's parameter sweep with `taskplex map` (posargs go to `taskplex map`)."""
+    install_workspace(session)
+    (ROOT / "build").mkdir(exist_ok=True)
+    session.run(
+        "taskplex",
+        "map",
+        "examples/sweep.py:simulate",
+        "--inputs",
+        "examples/sweep.jsonl",
+        "--output",
+        "build/demo-results.jsonl",
+        *session.posargs,
+    )

@@ -1,0 +1,185 @@
+"""Exception types, and how exceptions cross a process or machine boundary.
+
+Two families, so that callers and retry policies can tell them apart:
+
+* a **user error** is whatever the task's function raised; it reaches the caller as itself (same type,
+  same message) with the traceback of where it was raised chained as ``__cause__``
+  (a :class:`RemoteTraceback`);
+* an **infrastructure error** (:class:`InfrastructureError` and subclasses) means the machinery failed:
+  the worker died, the job was killed, the result could not be read. Only these are retried by default.
+
+:func:`capture_exception` turns an exception into a picklable :class:`ExceptionPayload` on the worker
+side; :func:`restore_exception` rebuilds it on the caller side. An exception that cannot be pickled is
+replaced by :class:`UnpicklableError`, which keeps its type name, message and traceback text.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from concurrent.futures import CancelledError as _FuturesCancelledError
+from dataclasses import dataclass
+
+__all__ = [
+    "BackendUnavailable",
+    "DependencyFailed",
+    "DuplicateTaskName",
+    "ExceptionPayload",
+    "InfrastructureError",
+    "InvalidOption",
+    "JobKilled",
+    "QueueClosed",
+    "RemoteTraceback",
+    "ResourceUnavailable",
+    "ResultUnreadable",
+    "SerializationError",
+    "ServerNotRunning",
+    "TaskCancelled",
+    "TaskTimeout",
+    "TaskplexError",
+    "UnknownBackend",
+    "UnpicklableError",
+    "WorkerLost",
+    "capture_exception",
+    "restore_exception",
+]
+
+
+class TaskplexError(Exception):
+    """Base class of every error taskplex itself raises."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# usage errors: raised at the call site, never delivered as a task outcome
+# ---------------------------------------------------------------------------------------------------
+
+
+class InvalidOption(TaskplexError, TypeError):
+    """An option given to a server or task is unknown or has the wrong type or value."""
+
+
+class UnknownBackend(TaskplexError, LookupError):
+    """No installed backend has the requested name."""
+
+
+class BackendUnavailable(TaskplexError):
+    """A backend is installed but cannot run here (e.g. no scheduler reachable); says why."""
+
+
+class ServerNotRunning(TaskplexError, RuntimeError):
+    """A task was submitted to a server that was never started or has stopped."""
+
+
+class DuplicateTaskName(TaskplexError, ValueError):
+    """A task name is already in use on this server."""
+
+
+class ResourceUnavailable(TaskplexError, ValueError):
+    """A task asks for resources the backend cannot provide."""
+
+
+class SerializationError(TaskplexError, TypeError):
+    """A function, argument or result could not be pickled; the message names the object."""
+
+
+class QueueClosed(TaskplexError, RuntimeError):
+    """A results queue was read after it was closed."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# task outcomes that are not the user's own exception
+# ---------------------------------------------------------------------------------------------------
+
+
+class TaskCancelled(TaskplexError, _FuturesCancelledError):
+    """The task was cancelled (by the caller, by server shutdown, or by a failed dependency).
+
+    Subclasses :class:`concurrent.futures.CancelledError`, so code written for the standard library
+    keeps working.
+    """
+
+
+class DependencyFailed(TaskCancelled):
+    """The task was cancelled because a task it depends on failed or was cancelled."""
+
+
+class TaskTimeout(TaskplexError, TimeoutError):
+    """The task ran longer than its ``timeout``; the task's status is FAILED."""
+
+
+class InfrastructureError(TaskplexError):
+    """The machinery failed, not the task's function. Retried up to the task's ``retries``."""
+
+
+class WorkerLost(InfrastructureError):
+    """The worker running the task died (killed, crashed, out of memory); says how it ended."""
+
+
+class JobKilled(InfrastructureError):
+    """A batch scheduler ended the task's job; carries the scheduler's reason."""
+
+
+class ResultUnreadable(InfrastructureError):
+    """The task ran but its result could not be read back."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# exceptions across a boundary
+# ---------------------------------------------------------------------------------------------------
+
+
+class RemoteTraceback(Exception):  # noqa: N818 - named for what it holds, like CPython's own
+    """Carries the formatted traceback of an exception raised in another process or machine."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class UnpicklableError(TaskplexError):
+    """Stands in for a user exception that could not be pickled."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[UnpicklableError], tuple[str, str]]:
+        return (type(self), (self.type_name, self.message))
+
+
+@dataclass(frozen=True)
+class ExceptionPayload:
+    """A picklable record of an exception: the pickled exception (if possible) and its traceback."""
+
+    pickled: bytes | None
+    type_name: str
+    message: str
+    traceback: str
+
+
+def capture_exception(exc: BaseException) -> ExceptionPayload:
+    """Record ``exc`` so that it survives pickling; call where the exception was raised."""
+    tb = "".join(traceback.format_exception(exc))
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        pickled: bytes | None = pickle.dumps(exc)
+        pickle.loads(pickled)  # some exceptions pickle but cannot be rebuilt (bad __init__)
+    except Exception:
+        pickled = None
+    return ExceptionPayload(pickled, type_name, str(exc), tb)
+
+
+def restore_exception(payload: ExceptionPayload) -> BaseException:
+    """Rebuild the exception recorded by :func:`capture_exception`, remote traceback chained."""
+    exc: BaseException
+    if payload.pickled is not None:
+        exc = pickle.loads(payload.pickled)
+    else:
+        exc = UnpicklableError(payload.type_name, payload.message)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{payload.traceback}"""')
+    return exc
+
