@@ -52,9 +52,7 @@ class AsyncServer(ServerBase):
         if _is_coroutine_function(function):
             return await function(*task.args, **task.kwargs)
         assert self._threads is not None
-        call = functools.partial(
-            contextvars.copy_context().run, function, *task.args, **task.kwargs
-        )
+        call = functools.partial(contextvars.copy_context().run, function, *task.args, **task.kwargs)
         running = asyncio.get_running_loop().run_in_executor(self._threads, call)
         try:
             return await asyncio.shield(running)

@@ -41,6 +41,7 @@ __all__ = [
     "QueueClosed",
     "RemoteTraceback",
     "ResourceUnavailable",
+    "Resources",
     "ResultUnreadable",
     "ResultsQueue",
     "SerializationError",

@@ -128,7 +128,7 @@ class ResultUnreadable(InfrastructureError):
 # ---------------------------------------------------------------------------------------------------
 
 
-class RemoteTraceback(Exception):  # noqa: N818 - named for what it holds, like CPython's own
+class RemoteTraceback(Exception):
     """Carries the formatted traceback of an exception raised in another process or machine."""
 
     def __init__(self, tb: str) -> None:
@@ -165,9 +165,11 @@ def capture_exception(exc: BaseException) -> ExceptionPayload:
     """Record ``exc`` so that it survives pickling; call where the exception was raised."""
     tb = "".join(traceback.format_exception(exc))
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    pickled: bytes | None
     try:
-        pickled: bytes | None = pickle.dumps(exc)
-        pickle.loads(pickled)  # some exceptions pickle but cannot be rebuilt (bad __init__)
+        data = pickle.dumps(exc)
+        pickle.loads(data)  # some exceptions pickle but cannot be rebuilt (bad __init__)
+        pickled = data
     except Exception:
         pickled = None
     return ExceptionPayload(pickled, type_name, str(exc), tb)
@@ -182,4 +184,3 @@ def restore_exception(payload: ExceptionPayload) -> BaseException:
         exc = UnpicklableError(payload.type_name, payload.message)
     exc.__cause__ = RemoteTraceback(f'\n"""\n{payload.traceback}"""')
     return exc
-

@@ -71,8 +71,9 @@ class _FutureDelivery(ResultsQueue):
                 future.set_exception(task.exception)
         except cf.InvalidStateError:
             pass  # the caller cancelled the future meanwhile
-        # A future cancelled before it ran must still wake wait() and as_completed().
-        if future._state == "CANCELLED":
+        # A future cancelled before it ran must still wake wait() and as_completed(); the
+        # standard library does this in set_running_or_notify_cancel, for CANCELLED futures only.
+        if getattr(future, "_state", None) == "CANCELLED":
             future.set_running_or_notify_cancel()
 
 

@@ -103,4 +103,3 @@ def taskplex_add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     ``handler`` default to a callable taking the parsed ``argparse.Namespace`` and returning an exit
     code.
     """
-

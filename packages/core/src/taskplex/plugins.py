@@ -58,12 +58,11 @@ pm.add_hookspecs(hookspecs)
 
 _BUILTIN_PLUGINS = ("taskplex.cli",)
 _load_lock = threading.Lock()
-_loaded = False
+_loaded: list[bool] = []  # non-empty once plugins were loaded in this process
 
 
 def load_plugins() -> None:
     """Register built-in plugins and load installed ones; does its work once per process."""
-    global _loaded
     with _load_lock:
         if _loaded:
             return
@@ -73,7 +72,7 @@ def load_plugins() -> None:
             if not pm.is_blocked(module_name) and pm.get_plugin(module_name) is None:
                 pm.register(_import(module_name), name=module_name)
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        _loaded = True
+        _loaded.append(True)
 
 
 def _disabled() -> set[str]:
@@ -119,7 +118,7 @@ def backends() -> list[BackendInfo]:
     infos = []
     for name, cls in sorted(_server_classes().items()):
         top = cls.__module__.partition(".")[0]
-        dist = (dists.get(top) or [None])[0]
+        dist = next(iter(dists.get(top, ())), None)
         version = importlib.metadata.version(dist) if dist else None
         infos.append(BackendInfo(name, cls, dist, version, _capabilities_of(cls)))
     return infos
@@ -142,8 +141,11 @@ def get_server_class(name: str) -> type[Server]:
         raise UnknownBackend(
             f"no taskplex backend named {name!r} is installed (installed: {installed}). "
             f"Backends are separate distributions: try `pip install taskplex-backend-{name}`"
-            + (f", or check TASKPLEX_DISABLE_PLUGINS={os.environ['TASKPLEX_DISABLE_PLUGINS']!r}"
-               if _disabled() else "")
+            + (
+                f", or check TASKPLEX_DISABLE_PLUGINS={os.environ['TASKPLEX_DISABLE_PLUGINS']!r}"
+                if _disabled()
+                else ""
+            )
         ) from None
 
 

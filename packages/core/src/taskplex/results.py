@@ -123,9 +123,7 @@ class ResultsQueue:
                     return self._take(max_items)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(
-                        f"fewer than {min_items} result(s) arrived within {timeout} s"
-                    )
+                    raise TimeoutError(f"fewer than {min_items} result(s) arrived within {timeout} s")
                 self._sync_waiters += 1
                 try:
                     self._ready.wait(remaining)

@@ -109,7 +109,6 @@ class ServerBase(Server):
         self._idle = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopped: asyncio.Future[None] | None = None
-        self._drain_on_stop = False
         self._hook_submitted: Callable[..., Any] | None = None
         self._hook_started: Callable[..., Any] | None = None
         self._hook_finished: Callable[..., Any] | None = None
@@ -145,10 +144,10 @@ class ServerBase(Server):
         self._capacity = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._free = self.workers
+        self._free = self.in_flight_limit()
         self._live = 0
-        self._drain_on_stop = False
         self._stopped = self._loop.create_future()
+        plugins.load_plugins()
         self._snapshot_hooks()
         await self.startup()
         self._state = _RUNNING
@@ -184,7 +183,6 @@ class ServerBase(Server):
         stopped = self._stopped
         if self._state == _RUNNING:
             if wait:
-                self._drain_on_stop = True
                 await self.join()
             self.cancel()
         if stopped is not None:
@@ -207,10 +205,10 @@ class ServerBase(Server):
         """
         return {}
 
-    async def startup(self) -> None:  # noqa: B027 - optional hook
+    async def startup(self) -> None:
         """Bring workers up; called by start(). Raise to refuse starting."""
 
-    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+    async def shutdown(self) -> None:
         """Bring workers down; called once per stop, after all tasks were cancelled or finished."""
 
     def prepare(self, task: Task) -> None:
@@ -241,6 +239,14 @@ class ServerBase(Server):
             raise ResourceUnavailable(
                 f"task asks for {resources.cores} cores but the server has workers={self.workers}"
             )
+
+    def in_flight_limit(self) -> int:
+        """How many slots the server hands out at once (default ``workers``).
+
+        A backend that pipelines work (sends a worker its next tasks before the current one ends)
+        returns more, and makes sure that no more than ``workers`` tasks really execute at once.
+        """
+        return self.workers
 
     def slots_for(self, task: Task) -> int:
         """How many of the ``workers`` slots a task occupies while it runs (default: its cores)."""
@@ -309,9 +315,7 @@ class ServerBase(Server):
             raise ValueError(f"{task!r} was already submitted; create a new Task to run it again")
         for dep in task.depends_on:
             if dep._server is not self and not dep.done():
-                raise ValueError(
-                    f"{task!r} depends on {dep!r}, which was not submitted to this server"
-                )
+                raise ValueError(f"{task!r} depends on {dep!r}, which was not submitted to this server")
         name = task.name
         if name is not None and name in self._names:
             raise DuplicateTaskName(f"a task named {name!r} was already submitted to {self!r}")
@@ -319,9 +323,7 @@ class ServerBase(Server):
         if name is not None:
             with self._names_lock:
                 if name in self._names:
-                    raise DuplicateTaskName(
-                        f"a task named {name!r} was already submitted to {self!r}"
-                    )
+                    raise DuplicateTaskName(f"a task named {name!r} was already submitted to {self!r}")
                 self._names[name] = task
         task._server = self
         task.status = TaskStatus.QUEUED
@@ -463,9 +465,7 @@ class ServerBase(Server):
                 self._call_hook(self._hook_started, task)
         if task.timeout is not None:
             assert self._loop is not None
-            self._timers[token] = self._loop.call_later(
-                task.timeout, self._time_out, task, token
-            )
+            self._timers[token] = self._loop.call_later(task.timeout, self._time_out, task, token)
         try:
             self.launch(task, token)
         except Exception as exc:
@@ -672,4 +672,3 @@ async def _shielded(coro: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
     task.result()
-

@@ -58,9 +58,7 @@ class Resources:
         for field, minimum in (("cores", 1), ("gpus", 0)):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise InvalidOption(
-                    f"resources.{field} must be an int >= {minimum}, got {value!r}"
-                )
+                raise InvalidOption(f"resources.{field} must be an int >= {minimum}, got {value!r}")
         if self.memory is not None and (not isinstance(self.memory, int) or self.memory <= 0):
             raise InvalidOption(f"resources.memory is in megabytes (int > 0), got {self.memory!r}")
         if self.walltime is not None and not _positive_number(self.walltime):
@@ -155,9 +153,7 @@ class Task:
         depends_on: Iterable[Task] = (),
     ) -> None:
         if not callable(function):
-            raise InvalidOption(
-                f"a task needs a callable, got {type(function).__name__} {function!r}"
-            )
+            raise InvalidOption(f"a task needs a callable, got {type(function).__name__} {function!r}")
         if timeout is not None and not _positive_number(timeout):
             raise InvalidOption(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
@@ -172,9 +168,7 @@ class Task:
         self.timeout = timeout
         self.retries = retries
         self.retry_user_errors = retry_user_errors
-        self.resources = (
-            _DEFAULT_RESOURCES if resources is None else Resources.coerce(resources)
-        )
+        self.resources = _DEFAULT_RESOURCES if resources is None else Resources.coerce(resources)
         self.depends_on: tuple[Task, ...] = tuple(depends_on)
         for dep in self.depends_on:
             if not isinstance(dep, Task):
