@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import concurrent.futures as cf
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -44,10 +45,20 @@ class TaskFuture(cf.Future[Any]):
     ``cancel()`` follows the standard library: it succeeds only before the task started. To stop a
     task that is already running, call ``future.task.cancel()`` (effective where the backend
     declares ``cancel_running``); the future then raises :class:`~taskplex.errors.TaskCancelled`.
+
+    The futures of one executor share one condition variable instead of making one each (a
+    Condition and its lock are most of a future's cost and memory), so ``result()`` and
+    ``exception()`` re-check their own state after every wake-up.
     """
 
-    def __init__(self, task: Task) -> None:
-        super().__init__()
+    def __init__(self, task: Task, condition: threading.Condition | None = None) -> None:
+        # The standard library's __init__ would make a Condition per future; set its fields here.
+        self._condition = threading.Condition() if condition is None else condition
+        self._state = "PENDING"
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[cf.Future[Any]], object]] = []
         self.task = task
 
     def cancel(self) -> bool:
@@ -55,6 +66,23 @@ class TaskFuture(cf.Future[Any]):
         if cancelled:
             self.task.cancel()
         return cancelled
+
+    def _wait_done(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while not self.done():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{self.task!r} did not finish within {timeout} s")
+                self._condition.wait(remaining)
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait_done(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait_done(timeout)
+        return super().exception(0)
 
 
 class _FutureDelivery(ResultsQueue):
@@ -97,6 +125,7 @@ class Executor(cf.Executor):
             raise TypeError(f"Executor needs a ServerBase subclass, got {type(server).__name__}")
         self._server: ServerBase = server
         self._delivery = _FutureDelivery()
+        self._futures_condition = threading.Condition()
         self._shutdown_lock = threading.Lock()
         self._is_shutdown = False
         self._pending: list[Task] = []
@@ -134,6 +163,8 @@ class Executor(cf.Executor):
             self._loop.run_until_complete(self._serve())
         finally:
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            # as asyncio.run does: join the loop's default pool (used by to_thread) before closing
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
             self._loop.close()
 
     async def _serve(self) -> None:
@@ -167,7 +198,7 @@ class Executor(cf.Executor):
         """Schedule a :class:`~taskplex.task.Task` built with its own policy (timeout, retries...)."""
         if self._is_shutdown:
             raise RuntimeError("cannot schedule new tasks after shutdown")
-        future = TaskFuture(task)
+        future = TaskFuture(task, self._futures_condition)
         task._future = future
         task.results_queue = self._delivery
         server = self._server

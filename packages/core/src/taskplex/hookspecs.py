@@ -31,7 +31,8 @@ hookspec = pluggy.HookspecMarker("taskplex")
 def taskplex_register_servers(register: Callable[[str, type[Server]], None]) -> None:
     """Register server classes by calling ``register(name, server_class)``.
 
-    Called once per process, the first time backends are looked up. ``name`` is what users pass to
+    Called each time backends are looked up (creating an Executor by name, listing backends); it must
+    be cheap and have no side effects. ``name`` is what users pass to
     ``taskplex.Executor(name)``; by convention it equals the plugin's entry-point name in the
     ``taskplex`` group.
     """

@@ -115,10 +115,16 @@ class BackendInfo:
 def backends() -> list[BackendInfo]:
     """Every installed backend, sorted by name."""
     dists = importlib.metadata.packages_distributions()
+    # Editable installs record no package files; the distribution of the entry point still knows.
+    plugin_dists = {
+        entry_point.module.partition(".")[0]: entry_point.dist.name
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if entry_point.dist is not None
+    }
     infos = []
     for name, cls in sorted(_server_classes().items()):
         top = cls.__module__.partition(".")[0]
-        dist = next(iter(dists.get(top, ())), None)
+        dist = plugin_dists.get(top) or next(iter(dists.get(top, ())), None)
         version = importlib.metadata.version(dist) if dist else None
         infos.append(BackendInfo(name, cls, dist, version, _capabilities_of(cls)))
     return infos

@@ -53,7 +53,7 @@ from taskplex.errors import (
     TaskTimeout,
 )
 from taskplex.server import Capabilities, Server
-from taskplex.task import Resources, Task, TaskStatus
+from taskplex.task import DEFAULT_RESOURCES, Resources, Task, TaskStatus
 
 __all__ = ["ServerBase", "ServerStats"]
 
@@ -104,6 +104,7 @@ class ServerBase(Server):
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._exec_tasks: dict[int, asyncio.Task[None]] = {}
         self._free = self.workers
+        self._pumping = False
         self._live = 0
         self._capacity = asyncio.Event()
         self._idle = asyncio.Event()
@@ -152,7 +153,10 @@ class ServerBase(Server):
         await self.startup()
         self._state = _RUNNING
         self._dispatcher = task_group.create_task(self._dispatch(), name=f"{self!r} dispatcher")
-        plugins.pm.hook.taskplex_server_started(server=self)
+        # Let the dispatcher enter its try block: a task cancelled before its first step never
+        # runs its cleanup, so a stop right after start would otherwise wait forever.
+        await asyncio.sleep(0)
+        self._call_server_hook(plugins.pm.hook.taskplex_server_started)
 
     async def submit(self, task: Task) -> Task:
         self.accept(task)
@@ -190,6 +194,8 @@ class ServerBase(Server):
 
     async def join(self) -> None:
         """Wait until every accepted task has reached a terminal state."""
+        # Tasks put directly on the task queue are counted only once taken off it.
+        await self._queue.join()
         await self._idle.wait()
 
     # ================================================================== backend API
@@ -221,6 +227,8 @@ class ServerBase(Server):
 
     def check_resources(self, resources: Resources) -> None:
         """Reject resource requests this backend cannot honour, saying which and why."""
+        if resources is DEFAULT_RESOURCES:
+            return
         supported = self.capabilities.resources
         asked = {
             "cores": resources.cores > 1,
@@ -247,6 +255,13 @@ class ServerBase(Server):
         returns more, and makes sure that no more than ``workers`` tasks really execute at once.
         """
         return self.workers
+
+    def can_cancel_running(self, task: Task) -> bool:
+        """Whether cancelling ``task`` while it runs stops its work (default: the capability).
+
+        A backend that can stop some work but not all (coroutines, not threads) answers per task.
+        """
+        return self.capabilities.cancel_running
 
     def slots_for(self, task: Task) -> int:
         """How many of the ``workers`` slots a task occupies while it runs (default: its cores)."""
@@ -359,19 +374,22 @@ class ServerBase(Server):
         self.enqueue_accepted([task])
 
     def enqueue_accepted(self, tasks: Iterable[Task]) -> None:
-        """Put accepted tasks on the task queue without waiting; call on the loop.
+        """Hand accepted tasks to the server without waiting; call on the loop.
 
-        The Executor's fast path for unbounded queues. Tasks that arrive after the server began
-        stopping are delivered CANCELLED.
+        The Executor's fast path. With an unbounded queue there is no back-pressure to apply, so the
+        tasks skip the task queue and go straight to dispatch. Tasks that arrive after the server
+        began stopping are delivered CANCELLED.
         """
-        put = self._queue.put_nowait
         running = self._state == _RUNNING
+        bounded = self.queue_size > 0
         for task in tasks:
             self._enqueued(task)
-            if running:
-                put(task)
-            else:
+            if not running:
                 self._finish(task, TaskStatus.CANCELLED, error=TaskCancelled("the server stopped"))
+            elif bounded:
+                self._queue.put_nowait(task)
+            else:
+                self._take(task)
         self._pump()
 
     def cancel_queued(self) -> None:
@@ -391,29 +409,42 @@ class ServerBase(Server):
                     self._pump()
                     continue
                 self._take(await queue.get())
+                queue.task_done()
                 self._pump()
         except BaseException:
             await _shielded(self._stop_everything())
             raise
 
     def _pump(self) -> None:
-        """Start ready tasks while slots are free, pulling more from the task queue as needed."""
-        queue = self._queue
-        while self._free > 0 and self._state == _RUNNING:
-            if self._ready:
-                task = self._ready[0]
-                if task.done():
-                    self._ready.popleft()
-                    continue
-                need = self.slots_for(task)
-                if need > self._free:
+        """Start ready tasks while slots are free, pulling more from the task queue as needed.
+
+        Not re-entrant: a backend may complete an attempt inside ``launch``, which frees a slot and
+        calls back here; the outer call's loop then picks the slot up, so the stack stays flat.
+        """
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            queue = self._queue
+            ready = self._ready
+            while self._free > 0 and self._state == _RUNNING:
+                if ready:
+                    task = ready[0]
+                    if task.done():
+                        ready.popleft()
+                        continue
+                    need = self.slots_for(task)
+                    if need > self._free:
+                        return
+                    ready.popleft()
+                    self._start(task, need)
+                elif queue.qsize():
+                    self._take(queue.get_nowait())
+                    queue.task_done()
+                else:
                     return
-                self._ready.popleft()
-                self._start(task, need)
-            elif queue.qsize():
-                self._take(queue.get_nowait())
-            else:
-                return
+        finally:
+            self._pumping = False
 
     def _take(self, task: Task) -> None:
         """A task came off the task queue: accept it if it was put there directly, check deps."""
@@ -443,7 +474,7 @@ class ServerBase(Server):
         self._ready.append(task)
 
     def _start(self, task: Task, need: int) -> None:
-        if self._hook_lookup is not None:
+        if self._hook_lookup is not None and task.attempts == 0:
             outcome = self._call_hook(self._hook_lookup, task)
             if outcome is not None:
                 status = TaskStatus.SUCCEEDED if outcome.exception is None else TaskStatus.FAILED
@@ -513,13 +544,13 @@ class ServerBase(Server):
             return self._cancel_now(task)
         task._cancel_requested = True
         loop.call_soon_threadsafe(self._cancel_now, task)
-        return task.status is not TaskStatus.RUNNING or self.capabilities.cancel_running
+        return task.status is not TaskStatus.RUNNING or self.can_cancel_running(task)
 
     def _cancel_now(self, task: Task) -> bool:
         if task.done():
             return task.cancelled()
         if task.status is TaskStatus.RUNNING:
-            if not self.capabilities.cancel_running:
+            if not self.can_cancel_running(task):
                 return False
             self._finish(task, TaskStatus.CANCELLED, error=TaskCancelled("cancelled while running"))
             self._safe_abort(task, task._token)
@@ -617,13 +648,14 @@ class ServerBase(Server):
             self._idle.set()
             if self._stopped is not None and not self._stopped.done():
                 self._stopped.set_result(None)
-            plugins.pm.hook.taskplex_server_stopped(server=self)
+            self._call_server_hook(plugins.pm.hook.taskplex_server_stopped)
 
     def _pending_tasks(self) -> list[Task]:
         pending = list(self._ready)
         self._ready.clear()
         while not self._queue.empty():
             task = self._queue.get_nowait()
+            self._queue.task_done()
             if task.status is TaskStatus.PENDING:
                 task._server = self
                 self._enqueued(task)
@@ -647,6 +679,12 @@ class ServerBase(Server):
         self._hook_finished = active(hook.taskplex_task_finished)
         self._hook_lookup = active(hook.taskplex_task_lookup)
         self._hook_delivered = active(hook.taskplex_result_delivered)
+
+    def _call_server_hook(self, caller: Callable[..., Any]) -> None:
+        try:
+            caller(server=self)
+        except Exception:
+            logger.exception("a taskplex plugin failed in %s for %r", caller, self)
 
     def _call_hook(self, caller: Callable[..., Any], task: Task, **kwargs: Any) -> Any:
         if "results_queue" not in kwargs:

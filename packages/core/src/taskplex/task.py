@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from taskplex.errors import InvalidOption
+from taskplex.errors import InvalidOption, TaskCancelled
 
 if TYPE_CHECKING:
     from taskplex.results import ResultsQueue
@@ -68,7 +68,7 @@ class Resources:
     def coerce(cls, value: Resources | Mapping[str, Any] | None) -> Resources:
         """Accept a Resources, a mapping of its fields, or None (the defaults)."""
         if value is None:
-            return _DEFAULT_RESOURCES
+            return DEFAULT_RESOURCES
         if isinstance(value, Resources):
             return value
         if isinstance(value, Mapping):
@@ -86,7 +86,7 @@ class Resources:
         return asdict(self)
 
 
-_DEFAULT_RESOURCES = Resources()
+DEFAULT_RESOURCES = Resources()
 _ids = itertools.count(1)
 
 
@@ -168,7 +168,7 @@ class Task:
         self.timeout = timeout
         self.retries = retries
         self.retry_user_errors = retry_user_errors
-        self.resources = _DEFAULT_RESOURCES if resources is None else Resources.coerce(resources)
+        self.resources = DEFAULT_RESOURCES if resources is None else Resources.coerce(resources)
         self.depends_on: tuple[Task, ...] = tuple(depends_on)
         for dep in self.depends_on:
             if not isinstance(dep, Task):
@@ -196,7 +196,8 @@ class Task:
 
     def done(self) -> bool:
         """True once the task reached a terminal state."""
-        return self.status in _TERMINAL
+        # finished_at is set with every terminal status; cheaper than hashing the enum member
+        return self.finished_at is not None
 
     def cancelled(self) -> bool:
         """True if the task ended CANCELLED."""
@@ -215,6 +216,7 @@ class Task:
             with _unattached_lock:
                 if self.status is TaskStatus.PENDING:
                     self.status = TaskStatus.CANCELLED
+                    self.exception = TaskCancelled("cancelled before it was submitted")
                     self.finished_at = time.time()
                     return True
             return self.status is TaskStatus.CANCELLED
