@@ -1,0 +1,5 @@
+"""An example third-party taskplex backend: ``taskplex.Executor("thread", workers=4)``."""
+
+from taskplex_thread.server import ThreadServer
+
+__all__ = ["ThreadServer"]
