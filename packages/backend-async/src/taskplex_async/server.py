@@ -47,6 +47,9 @@ class AsyncServer(ServerBase):
             # Every attempt has been reported over, so no thread is busy: this returns promptly.
             await asyncio.to_thread(threads.shutdown, wait=True)
 
+    def can_cancel_running(self, task: Task) -> bool:
+        return _is_coroutine_function(task.function)
+
     async def execute(self, task: Task) -> Any:
         function = task.function
         if _is_coroutine_function(function):

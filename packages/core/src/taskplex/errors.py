@@ -177,10 +177,13 @@ def capture_exception(exc: BaseException) -> ExceptionPayload:
 
 def restore_exception(payload: ExceptionPayload) -> BaseException:
     """Rebuild the exception recorded by :func:`capture_exception`, remote traceback chained."""
-    exc: BaseException
+    exc: BaseException | None = None
     if payload.pickled is not None:
-        exc = pickle.loads(payload.pickled)
-    else:
+        try:
+            exc = pickle.loads(payload.pickled)
+        except Exception:
+            exc = None  # its type exists only where it was raised (a module the caller lacks)
+    if exc is None:
         exc = UnpicklableError(payload.type_name, payload.message)
     exc.__cause__ = RemoteTraceback(f'\n"""\n{payload.traceback}"""')
     return exc
