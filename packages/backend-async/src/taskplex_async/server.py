@@ -48,7 +48,7 @@ class AsyncServer(ServerBase):
             await asyncio.to_thread(threads.shutdown, wait=True)
 
     def can_cancel_running(self, task: Task) -> bool:
-        return _is_coroutine_function(task.function)
+        return super().can_cancel_running(task) or _is_coroutine_function(task.function)
 
     async def execute(self, task: Task) -> Any:
         function = task.function

@@ -1,0 +1,333 @@
+"""Executor: a concurrent.futures.Executor over any backend, with the standard library's semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import taskplex
+from taskplex import (
+    DuplicateTaskName,
+    Executor,
+    InvalidOption,
+    ResourceUnavailable,
+    ServerBase,
+    Task,
+    TaskFuture,
+    TaskTimeout,
+    UnknownBackend,
+)
+from taskplex_async import AsyncServer
+
+BOUND = 30.0
+"""Seconds a test waits for something that should happen, so that it fails instead of hanging."""
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def touch(path: Path) -> None:
+    path.touch()
+
+
+class Gate:
+    """Holds the tasks that pass through it until the test opens it."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.arrived = threading.Semaphore(0)
+
+    def pass_through(self, value: Any = None) -> Any:
+        self.arrived.release()
+        self.opened.wait(BOUND)
+        return value
+
+    def wait_for_arrival(self) -> None:
+        assert self.arrived.acquire(timeout=BOUND), "no task reached the gate"
+
+
+def test_is_a_concurrent_futures_executor() -> None:
+    with Executor("async") as executor:
+        assert isinstance(executor, cf.Executor)
+        future = executor.submit(square, 7)
+        assert isinstance(future, cf.Future)
+        assert isinstance(future, TaskFuture)
+        assert future.result(timeout=BOUND) == 49
+        assert future.task.result == 49
+
+
+def test_map_returns_results_in_submission_order() -> None:
+    def slower_first(x: int) -> int:
+        time.sleep(0.001 * (10 - x))
+        return x
+
+    with Executor("async", workers=4) as executor:
+        assert list(executor.map(slower_first, range(10), timeout=BOUND)) == list(range(10))
+        assert list(executor.map(pow, [2, 3], [5, 2])) == [32, 9]
+
+
+def test_map_raises_the_first_failure_when_reached() -> None:
+    def invert(x: int) -> float:
+        return 1 / x
+
+    with Executor("async") as executor:
+        results = executor.map(invert, [1, 0, 2])
+        assert next(results) == 1
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+
+
+def test_exceptions_keep_their_type() -> None:
+    class SimulationDiverged(Exception):
+        pass
+
+    def diverge() -> None:
+        raise SimulationDiverged("residual grew past 1e12")
+
+    with Executor("async") as executor:
+        future = executor.submit(diverge)
+        with pytest.raises(SimulationDiverged, match="residual grew"):
+            future.result(timeout=BOUND)
+        assert executor.submit(square, 3).result(timeout=BOUND) == 9, "the executor goes on"
+
+
+def test_submit_after_shutdown_is_a_runtime_error() -> None:
+    executor = Executor("async")
+    executor.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(square, 2)
+
+
+def test_shutdown_is_idempotent() -> None:
+    executor = Executor("async")
+    future = executor.submit(square, 2)
+    executor.shutdown(wait=True)
+    executor.shutdown(wait=True)
+    executor.shutdown(wait=False, cancel_futures=True)
+    assert future.result(timeout=0) == 4
+
+
+def test_context_manager_waits_for_submitted_work() -> None:
+    gate = Gate()
+    with Executor("async", workers=2) as executor:
+        futures = [executor.submit(gate.pass_through, n) for n in range(4)]
+        gate.wait_for_arrival()
+        gate.opened.set()
+    assert all(future.done() for future in futures)
+    assert [future.result(timeout=0) for future in futures] == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError):
+        executor.submit(square, 1)
+
+
+def test_shutdown_with_cancel_futures_cancels_what_has_not_started(tmp_path: Path) -> None:
+    gate = Gate()
+    executor = Executor("async", workers=1)
+    running = executor.submit(gate.pass_through, "ran")
+    gate.wait_for_arrival()
+    queued = [executor.submit(touch, tmp_path / f"queued-{n}") for n in range(3)]
+    executor.shutdown(wait=False, cancel_futures=True)
+    wait_until(lambda: all(future.cancelled() for future in queued))
+    gate.opened.set()
+    executor.shutdown(wait=True)
+    assert running.result(timeout=0) == "ran"
+    assert list(tmp_path.iterdir()) == [], "cancelled tasks never ran"
+    done, not_done = cf.wait([running, *queued], timeout=BOUND)
+    assert not not_done
+    assert len(done) == 4
+
+
+def test_wait_and_as_completed_see_cancelled_futures(tmp_path: Path) -> None:
+    gate = Gate()
+    with Executor("async", workers=1) as executor:
+        running = executor.submit(gate.pass_through, "ran")
+        gate.wait_for_arrival()
+        queued = executor.submit(touch, tmp_path / "queued")
+        assert queued.cancel() is True
+        done, not_done = cf.wait([queued], timeout=BOUND)
+        assert done == {queued}
+        assert not not_done
+        gate.opened.set()
+        completed = list(cf.as_completed([running, queued], timeout=BOUND))
+    assert set(completed) == {running, queued}
+    assert queued.cancelled()
+    with pytest.raises(cf.CancelledError):
+        queued.result(timeout=0)
+    assert not (tmp_path / "queued").exists()
+
+
+def test_cancelling_a_future_before_it_starts_prevents_execution(tmp_path: Path) -> None:
+    gate = Gate()
+    with Executor("async", workers=1) as executor:
+        executor.submit(gate.pass_through)
+        gate.wait_for_arrival()
+        futures = [executor.submit(touch, tmp_path / f"marker-{n}") for n in range(5)]
+        cancelled = futures[1::2]
+        for future in cancelled:
+            assert future.cancel() is True
+        gate.opened.set()
+        for future in futures:
+            if future not in cancelled:
+                future.result(timeout=BOUND)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "marker-0",
+        "marker-2",
+        "marker-4",
+    ]
+    assert all(future.task.cancelled() for future in cancelled)  # type: ignore[attr-defined]
+
+
+def test_cancelling_a_future_that_started_fails_like_the_standard_library() -> None:
+    gate = Gate()
+    with Executor("async") as executor:
+        future = executor.submit(gate.pass_through, "ran")
+        gate.wait_for_arrival()
+        assert future.running()
+        assert future.cancel() is False
+        gate.opened.set()
+        assert future.result(timeout=BOUND) == "ran"
+
+
+def test_submit_task_applies_its_timeout() -> None:
+    with Executor("async") as executor:
+        future = executor.submit_task(Task(asyncio.sleep, (BOUND,), timeout=0.05))
+        error = future.exception(timeout=BOUND)
+    assert isinstance(error, TaskTimeout)
+    assert isinstance(error, TimeoutError)
+
+
+def test_submitting_from_inside_a_running_task() -> None:
+    with Executor("async", workers=2) as executor:
+
+        def fan_out(n: int) -> int:
+            return sum(executor.submit(square, i).result(timeout=BOUND) for i in range(n))
+
+        assert executor.submit(fan_out, 4).result(timeout=BOUND) == 0 + 1 + 4 + 9
+
+
+def test_bounded_queue_makes_submit_block_until_there_is_room() -> None:
+    gate = Gate()
+    with Executor("async", workers=1, queue_size=1) as executor:
+        first = executor.submit(gate.pass_through, 1)
+        gate.wait_for_arrival()
+        second = executor.submit(square, 2)
+        submitted: list[cf.Future[int]] = []
+        third_submitter = threading.Thread(target=lambda: submitted.append(executor.submit(square, 3)))
+        third_submitter.start()
+        third_submitter.join(0.1)
+        assert third_submitter.is_alive(), "submit blocks while the queue is full"
+        gate.opened.set()
+        third_submitter.join(BOUND)
+        assert not third_submitter.is_alive()
+        assert [f.result(timeout=BOUND) for f in (first, second, *submitted)] == [1, 4, 9]
+
+
+# ------------------------------------------------------------------------------ errors at submit
+
+
+def test_unknown_backend_lists_the_installed_ones_and_the_package_to_install() -> None:
+    with pytest.raises(UnknownBackend) as info:
+        Executor("slurmish")
+    message = str(info.value)
+    assert "'slurmish'" in message
+    assert "async" in message
+    assert "pip install taskplex-backend-slurmish" in message
+
+
+def test_unknown_option_names_the_valid_ones() -> None:
+    with pytest.raises(InvalidOption) as info:
+        Executor("async", wrokers=4)
+    message = str(info.value)
+    assert "'wrokers'" in message
+    assert "workers" in message.split("valid options are")[1]
+    assert "queue_size" in message
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        ({"workers": 0}, "workers must be an int >= 1, got 0"),
+        ({"workers": "4"}, "workers must be an int >= 1, got '4'"),
+        ({"queue_size": -1}, "queue_size must be an int >= 0"),
+    ],
+)
+def test_bad_option_values_are_rejected(options: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(InvalidOption, match=complaint):
+        Executor("async", **options)
+
+
+def test_options_with_a_server_object_are_rejected() -> None:
+    with pytest.raises(TypeError, match="pass options when creating the server"):
+        Executor(AsyncServer(), workers=2)
+
+
+def test_bad_task_is_rejected_at_the_call_site() -> None:
+    with Executor("async", workers=2) as executor:
+        with pytest.raises(InvalidOption, match="needs a callable"):
+            executor.submit(42)  # type: ignore[arg-type]
+        with pytest.raises(ResourceUnavailable, match="gpus"):
+            executor.submit_task(Task(square, (1,), resources={"gpus": 1}))
+        executor.submit_task(Task(square, (2,), name="only-one"))
+        with pytest.raises(DuplicateTaskName, match="only-one"):
+            executor.submit_task(Task(square, (3,), name="only-one"))
+        assert executor.submit(square, 5).result(timeout=BOUND) == 25
+
+
+def test_a_server_object_or_class_may_be_given() -> None:
+    with Executor(AsyncServer(workers=2)) as executor:
+        assert executor.server.workers == 2
+        assert executor.submit(square, 4).result(timeout=BOUND) == 16
+    with Executor(AsyncServer, workers=3) as executor:
+        assert executor.server.workers == 3
+        assert executor.submit(square, 5).result(timeout=BOUND) == 25
+
+
+class RefusingServer(ServerBase):
+    """A backend whose workers cannot be brought up."""
+
+    async def startup(self) -> None:
+        raise taskplex.BackendUnavailable("no scheduler reachable from this machine")
+
+
+def test_a_server_that_cannot_start_fails_the_constructor() -> None:
+    before = set(threading.enumerate())
+    with pytest.raises(taskplex.BackendUnavailable, match="no scheduler reachable"):
+        Executor(RefusingServer)
+    assert set(threading.enumerate()) == before
+
+
+# ------------------------------------------------------------------------------ threads
+
+
+def test_no_thread_is_left_behind_after_shutdown() -> None:
+    before = set(threading.enumerate())
+    with Executor("async", workers=4) as executor:
+        assert list(executor.map(square, range(20))) == [x * x for x in range(20)]
+        assert set(threading.enumerate()) - before, "the executor runs its own threads"
+    assert set(threading.enumerate()) == before
+
+
+def test_no_thread_is_left_behind_after_cancel_futures() -> None:
+    before = set(threading.enumerate())
+    gate = Gate()
+    executor = Executor("async", workers=2)
+    for n in range(6):
+        executor.submit(gate.pass_through, n)
+    gate.wait_for_arrival()
+    gate.opened.set()
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert set(threading.enumerate()) == before

@@ -1,0 +1,145 @@
+"""Plugins: discovery of backends, disabling by name, conflicts, and registering from a plugin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import taskplex
+from taskplex import Capabilities, ServerBase, Task, UnknownBackend
+from taskplex.plugins import ENTRY_POINT_GROUP, create_server, pm
+from taskplex_async import AsyncServer
+
+LIST_BACKENDS = "import json, taskplex; print(json.dumps([b.name for b in taskplex.backends()]))"
+
+
+def backends_in_subprocess(**env: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", LIST_BACKENDS],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    names: list[str] = json.loads(result.stdout)
+    return names
+
+
+def test_plugin_manager_and_entry_point_group_share_the_project_name() -> None:
+    assert pm.project_name == ENTRY_POINT_GROUP == "taskplex"
+
+
+def test_async_backend_is_discovered_with_its_distribution_and_capabilities() -> None:
+    infos = {info.name: info for info in taskplex.backends()}
+    info = infos["async"]
+    assert info.server_class is AsyncServer
+    assert info.distribution == "taskplex-backend-async"
+    assert info.version == "0.1.0"
+    assert info.capabilities == AsyncServer.capabilities
+    assert info.capabilities.runs_coroutines
+
+
+def test_backends_are_sorted_by_name() -> None:
+    names = [info.name for info in taskplex.backends()]
+    assert names == sorted(names)
+
+
+def test_disabled_plugin_is_not_loaded() -> None:
+    assert "async" in backends_in_subprocess(TASKPLEX_DISABLE_PLUGINS="")
+    assert "async" not in backends_in_subprocess(TASKPLEX_DISABLE_PLUGINS="nothing, async")
+
+
+def test_unknown_backend_error_mentions_disabled_plugins() -> None:
+    code = (
+        "import taskplex\n"
+        "try:\n"
+        "    taskplex.Executor('async')\n"
+        "except taskplex.UnknownBackend as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "TASKPLEX_DISABLE_PLUGINS": "async"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "no taskplex backend named 'async'" in result.stdout
+    assert "TASKPLEX_DISABLE_PLUGINS='async'" in result.stdout
+
+
+class EchoServer(ServerBase):
+    """A backend that returns its task's first argument without calling the function."""
+
+    capabilities = Capabilities(resources=frozenset({"memory"}))
+
+    def __init__(self, *, workers: int = 1, queue_size: int = 0, prefix: str = "") -> None:
+        super().__init__(workers=workers, queue_size=queue_size)
+        self.prefix = prefix
+
+    async def execute(self, task: Task) -> Any:
+        return f"{self.prefix}{task.args[0]}"
+
+
+class EchoPlugin:
+    @taskplex.hookimpl
+    def taskplex_register_servers(self, register: Callable[[str, type[ServerBase]], None]) -> None:
+        register("echo", EchoServer)
+
+
+class OtherEchoServer(EchoServer):
+    """A second, different class registered under the same name."""
+
+
+class ConflictingEchoPlugin:
+    @taskplex.hookimpl
+    def taskplex_register_servers(self, register: Callable[[str, type[ServerBase]], None]) -> None:
+        register("echo", OtherEchoServer)
+
+
+def test_a_registered_plugin_makes_its_backend_usable(
+    register_plugin: Callable[[Any], None],
+) -> None:
+    with pytest.raises(UnknownBackend):
+        create_server("echo")
+    register_plugin(EchoPlugin())
+    info = {info.name: info for info in taskplex.backends()}["echo"]
+    assert info.server_class is EchoServer
+    assert info.capabilities.resources == frozenset({"memory"})
+    with taskplex.Executor("echo", workers=2, prefix="echo: ") as executor:
+        assert executor.submit(print, "hello").result(timeout=30) == "echo: hello"
+
+
+def test_options_of_a_plugin_backend_are_checked(register_plugin: Callable[[Any], None]) -> None:
+    register_plugin(EchoPlugin())
+    with pytest.raises(taskplex.InvalidOption, match=r"'suffix'.*prefix"):
+        create_server("echo", suffix="!")
+
+
+def test_two_plugins_registering_one_name_is_an_error(
+    register_plugin: Callable[[Any], None],
+) -> None:
+    register_plugin(EchoPlugin())
+    register_plugin(ConflictingEchoPlugin())
+    with pytest.raises(RuntimeError, match="two plugins register a backend named 'echo'"):
+        taskplex.backends()
+
+
+def test_registering_the_same_class_twice_is_harmless(
+    register_plugin: Callable[[Any], None],
+) -> None:
+    register_plugin(EchoPlugin())
+    register_plugin(EchoPlugin())
+    assert [info.name for info in taskplex.backends()].count("echo") == 1
+
+
+def test_the_register_plugin_fixture_cleaned_up_after_itself() -> None:
+    assert "echo" not in [info.name for info in taskplex.backends()]
