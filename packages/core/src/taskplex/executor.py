@@ -22,8 +22,8 @@ import concurrent.futures as cf
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, overload
 
 from taskplex.plugins import create_server
 from taskplex.results import ResultsQueue
@@ -190,8 +190,19 @@ class Executor(cf.Executor):
 
     # ------------------------------------------------------------------ concurrent.futures API
 
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
-        """Schedule ``fn(*args, **kwargs)``; return a :class:`TaskFuture`."""
+    @overload
+    def submit(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> cf.Future[T]: ...
+
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]: ...
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Schedule ``fn(*args, **kwargs)``; return a :class:`TaskFuture`.
+
+        On backends that run coroutines, the future of a coroutine function holds its awaited value.
+        """
         return self.submit_task(Task(fn, args, kwargs))
 
     def submit_task(self, task: Task) -> TaskFuture:
