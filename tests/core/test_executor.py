@@ -92,6 +92,33 @@ def test_map_raises_the_first_failure_when_reached() -> None:
             next(results)
 
 
+@pytest.mark.parametrize("chunksize", [2, 3, 64])
+def test_chunked_map_keeps_order_and_runs_fewer_tasks(chunksize: int) -> None:
+    with Executor("async", workers=2) as executor:
+        assert list(executor.map(pow, range(10), [2] * 10, chunksize=chunksize)) == [
+            x**2 for x in range(10)
+        ]
+        assert list(executor.map(pow, [], chunksize=chunksize)) == []
+        assert executor.server.stats.submitted == -(-10 // chunksize)
+
+
+def test_chunked_map_fails_the_chunk_holding_the_failure() -> None:
+    def invert(x: int) -> float:
+        return 1 / x
+
+    with Executor("async", workers=2) as executor:
+        results = executor.map(invert, [1, 2, 3, 0, 5, 6], chunksize=3)
+        assert [next(results) for _ in range(3)] == [1, 0.5, 1 / 3]
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+
+
+@pytest.mark.parametrize("chunksize", [0, -1, 1.5, True])
+def test_bad_chunksize_is_rejected(chunksize: Any) -> None:
+    with Executor("async") as executor, pytest.raises(ValueError, match="chunksize"):
+        executor.map(abs, [1], chunksize=chunksize)
+
+
 def test_exceptions_keep_their_type() -> None:
     class SimulationDiverged(Exception):
         pass

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
+import functools
+import itertools
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar, overload
 
 from taskplex.plugins import create_server
@@ -232,6 +234,28 @@ class Executor(cf.Executor):
             self._loop.call_soon_threadsafe(self._flush)
         return future
 
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like :meth:`concurrent.futures.Executor.map`; results come in the order of the inputs.
+
+        With ``chunksize > 1`` each task calls ``fn`` on ``chunksize`` consecutive inputs, which cuts
+        the per-task cost for short calls on every backend. As in the standard library's process
+        pool, an exception fails its whole chunk and is raised when iteration reaches that chunk.
+        """
+        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        calls = iter(zip(*iterables, strict=False))
+        chunks = iter(lambda: tuple(itertools.islice(calls, chunksize)), ())
+        per_chunk = super().map(functools.partial(_call_chunk, fn), chunks, timeout=timeout)
+        return itertools.chain.from_iterable(per_chunk)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks, then stop the server once queued tasks are done.
 
@@ -252,6 +276,11 @@ class Executor(cf.Executor):
         if wait and threading.get_ident() != self._thread.ident:
             self._thread.join()
         _live_executors.discard(self)
+
+
+def _call_chunk(fn: Callable[..., T], calls: tuple[tuple[Any, ...], ...]) -> list[T]:
+    """Run one chunk of a chunked map inside a single task."""
+    return [fn(*args) for args in calls]
 
 
 @atexit.register
