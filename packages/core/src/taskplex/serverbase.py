@@ -87,6 +87,8 @@ class ServerBase(Server):
     """Shared implementation of :class:`~taskplex.server.Server`; see the module docstring."""
 
     capabilities: ClassVar[Capabilities] = Capabilities()
+    reports_attempt_start: ClassVar[bool] = False
+    """True for a backend that calls :meth:`attempt_started`: timeouts then count from that call."""
 
     def __init__(self, *, workers: int = 1, queue_size: int = 0) -> None:
         self.workers = check_int("workers", workers, 1)
@@ -103,7 +105,7 @@ class ServerBase(Server):
         self._running: dict[int, Task] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._exec_tasks: dict[int, asyncio.Task[None]] = {}
-        self._free = self.workers
+        self._free = self._in_flight = self.workers
         self._pumping = False
         self._live = 0
         self._capacity = asyncio.Event()
@@ -145,7 +147,7 @@ class ServerBase(Server):
         self._capacity = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._free = self.in_flight_limit()
+        self._free = self._in_flight = self.in_flight_limit()
         self._live = 0
         self._stopped = self._loop.create_future()
         plugins.load_plugins()
@@ -253,8 +255,30 @@ class ServerBase(Server):
 
         A backend that pipelines work (sends a worker its next tasks before the current one ends)
         returns more, and makes sure that no more than ``workers`` tasks really execute at once.
+        Read at start, and again when the backend calls :meth:`in_flight_limit_changed`.
         """
         return self.workers
+
+    def in_flight_limit_changed(self) -> None:
+        """Re-read :meth:`in_flight_limit`, whose answer changed; call on the loop.
+
+        A lower limit takes effect as running attempts end; a higher one starts tasks at once.
+        """
+        limit = self.in_flight_limit()
+        self._free += limit - self._in_flight
+        self._in_flight = limit
+        if self._free > 0 and self._state == _RUNNING:
+            self._capacity.set()
+            self._pump()
+
+    def attempt_started(self, task: Task, token: int) -> None:
+        """Report that a launched attempt began executing; call on the loop.
+
+        Only for backends with ``reports_attempt_start``, which launch attempts ahead of a free
+        worker (see :meth:`in_flight_limit`): the task's timeout counts from here, not from launch.
+        """
+        if task.timeout is not None and token in self._running and token not in self._timers:
+            self._arm_timeout(task, token)
 
     def can_cancel_running(self, task: Task) -> bool:
         """Whether cancelling ``task`` while it runs stops its work (default: the capability).
@@ -494,14 +518,18 @@ class ServerBase(Server):
             task.started_at = time.time()
             if self._hook_started is not None:
                 self._call_hook(self._hook_started, task)
-        if task.timeout is not None:
-            assert self._loop is not None
-            self._timers[token] = self._loop.call_later(task.timeout, self._time_out, task, token)
+        if task.timeout is not None and not self.reports_attempt_start:
+            self._arm_timeout(task, token)
         try:
             self.launch(task, token)
         except Exception as exc:
             logger.exception("%s.launch failed for %r", type(self).__name__, task)
             self.complete(task, token, error=exc)
+
+    def _arm_timeout(self, task: Task, token: int) -> None:
+        assert self._loop is not None
+        assert task.timeout is not None
+        self._timers[token] = self._loop.call_later(task.timeout, self._time_out, task, token)
 
     async def _execute_attempt(self, task: Task, token: int) -> None:
         try:
