@@ -1,0 +1,5 @@
+"""The multiprocessing backend of taskplex: ``taskplex.Executor("mp", workers=4)``."""
+
+from taskplex_mp.server import MultiprocessingServer
+
+__all__ = ["MultiprocessingServer"]

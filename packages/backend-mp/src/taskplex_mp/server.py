@@ -1,0 +1,737 @@
+"""MultiprocessingServer: tasks run in a pool of worker processes that the server supervises.
+
+Data flow, all on the server's event loop except the first line::
+
+    submit (caller's thread) ── prepare(): the call is pickled, or SerializationError names why not
+    ServerBase ── launch(task, token) ──► backlog ──► _hand_out(): to the least loaded worker
+                                                        │ TASK frames, one write per worker
+                                                        ▼
+                        worker process (one task at a time): STARTED, then RESULT or ERROR
+                                                        │ one pipe per worker, read when readable
+                                                        ▼
+    complete(task, token, result | error) ◄── _on_frame ── STARTED: attempt_started (timeout clock)
+
+**Pipelining.** Each worker may hold a few tasks beyond the one it runs, so that it never waits for
+the server between short tasks. How many follows the measured task duration: about 10 ms of work per
+worker (up to 64 tasks), and none beyond the running one for tasks of 10 ms or more. Only ``workers``
+tasks execute at once; a held task that is cancelled is revoked and never runs, and its timeout
+counts from the moment it really starts.
+
+**Stopping work.** Cancelling or timing out a running task kills its worker's process group
+(SIGKILL) and starts a replacement; tasks that worker held but had not started go to other workers,
+not counted as attempts. A worker that dies by itself fails the task it was running with WorkerLost,
+saying how it ended, and that task is retried if its ``retries`` allow.
+
+**Cores.** A task asking for ``resources={"cores": k}`` runs in one worker while ``k - 1`` other
+workers stay idle, so it may use ``k`` cores itself; tasks start in submission order, so it waits
+until enough workers are free. More cores than ``workers`` are refused at submit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import pickle
+import signal
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any, ClassVar
+
+from taskplex import Capabilities, ServerBase, Task
+from taskplex.errors import (
+    BackendUnavailable,
+    InvalidOption,
+    ResultUnreadable,
+    TaskCancelled,
+    WorkerLost,
+    restore_exception,
+)
+from taskplex.remote_logging import emit_record, logger_levels, unpack_record
+from taskplex.serialization import dumps_call, loads
+from taskplex.serverbase import check_int
+from taskplex_mp import processes
+from taskplex_mp._frames import (
+    CONFIG,
+    ERROR,
+    HELLO,
+    LOG,
+    RESULT,
+    REVOKE,
+    SECONDS,
+    SIZE,
+    SKIPPED,
+    STARTED,
+    TASK,
+    FrameReader,
+    frame,
+)
+
+__all__ = ["DEFAULT_START_METHOD", "MultiprocessingServer"]
+
+logger = logging.getLogger("taskplex.mp")
+
+DEFAULT_START_METHOD = (
+    "forkserver" if "forkserver" in processes.START_METHODS else processes.START_METHODS[0]
+)
+START_TIMEOUT = 60.0
+"""Seconds a new worker (or the fork server) may take to start before start() fails."""
+STOP_GRACE = 1.0
+"""Seconds between the steps of stopping workers: close their pipe, SIGTERM, SIGKILL."""
+START_ATTEMPTS = 3
+"""Failed starts in a row after which, with no worker left, queued tasks fail instead of waiting."""
+PIPELINE_WINDOW = 0.01
+"""Seconds of work a worker may hold beyond the task it runs."""
+MAX_DEPTH = 64
+"""Most tasks a worker may hold, the running one included."""
+_READ_SIZE = 1 << 16
+_READS_PER_CALL = 16
+_SMOOTHING = 0.2
+
+_STARTING, _READY, _RETIRING, _KILLED, _DEAD = "starting", "ready", "retiring", "killed", "dead"
+
+
+def _check_platform() -> None:
+    if os.name != "posix":
+        raise BackendUnavailable(
+            "the mp backend needs a POSIX system (Linux, macOS); on Windows use the async backend "
+            "or concurrent.futures.ProcessPoolExecutor"
+        )
+
+
+def _default_workers() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class _Worker:
+    """The server's view of one worker process."""
+
+    __slots__ = (
+        "budget",
+        "cores",
+        "current",
+        "exited",
+        "forkserver",
+        "inbox",
+        "name",
+        "outbox",
+        "outbox_sent",
+        "pid",
+        "popen",
+        "queue",
+        "reader",
+        "result_fd",
+        "revoking",
+        "state",
+        "task_fd",
+        "victim",
+    )
+
+    def __init__(
+        self, task_fd: int, result_fd: int, budget: int | None, exited: asyncio.Future[None]
+    ) -> None:
+        self.task_fd = task_fd
+        """The server's end of the pipe to the worker (non-blocking; -1 once closed)."""
+        self.result_fd = result_fd
+        """The server's end of the pipe from the worker (non-blocking; -1 once closed)."""
+        self.state = _STARTING
+        self.pid: int | None = None
+        self.name = "a starting worker"
+        self.popen: Any = None
+        self.forkserver: processes.ForkServer | None = None
+        """The fork server that forked it (start_method "forkserver")."""
+        self.reader = FrameReader()
+        self.inbox: deque[tuple[int, int, bytes]] = deque()
+        self.outbox = bytearray()
+        """Bytes the pipe would not take yet; the first ``outbox_sent`` of them are written."""
+        self.outbox_sent = 0
+        self.queue: dict[int, Task] = {}
+        """Tasks handed to this worker and not yet reported, by token, in the order sent."""
+        self.current: int | None = None
+        """The token the worker reported STARTED and has not finished."""
+        self.revoking: set[int] = set()
+        self.victim: int | None = None
+        """The token whose attempt this worker was killed to stop."""
+        self.cores = 0
+        """Worker slots this worker occupies while it has work (its task's cores), else 0."""
+        self.budget = budget
+        """Tasks it may still be given (max_tasks_per_child), or None."""
+        self.exited = exited
+
+    def __repr__(self) -> str:
+        return f"<worker {self.name} {self.state} holding {len(self.queue)}>"
+
+
+class MultiprocessingServer(ServerBase):
+    """Run tasks in supervised worker processes on this machine; see the module docstring.
+
+    Options: ``workers`` (processes; default one per CPU this process may use), ``queue_size``,
+    ``max_tasks_per_child`` (replace a worker after that many tasks; None: never) and
+    ``start_method`` (``"forkserver"``, ``"spawn"`` or ``"fork"``; see :mod:`taskplex_mp.processes`).
+    """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        cancel_running=True,
+        timeout_kills_work=True,
+        survives_worker_death=True,
+        remote=False,
+        worker_processes=True,
+        forwards_logs=True,
+        resources=frozenset({"cores"}),
+    )
+    reports_attempt_start: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        queue_size: int = 0,
+        max_tasks_per_child: int | None = None,
+        start_method: str = DEFAULT_START_METHOD,
+    ) -> None:
+        _check_platform()
+        super().__init__(
+            workers=_default_workers() if workers is None else workers, queue_size=queue_size
+        )
+        if max_tasks_per_child is not None:
+            check_int("max_tasks_per_child", max_tasks_per_child, 1)
+        if start_method not in processes.START_METHODS:
+            raise InvalidOption(
+                f"start_method must be one of {', '.join(map(repr, processes.START_METHODS))} "
+                f"on this platform, got {start_method!r}"
+            )
+        self.max_tasks_per_child = max_tasks_per_child
+        self.start_method = start_method
+        self._depth = 1
+        self._seconds: float | None = None
+        self._reset(stopping=True)
+
+    def _reset(self, *, stopping: bool) -> None:
+        self._workers: list[_Worker] = []
+        self._backlog: deque[tuple[Task, int]] = deque()
+        self._assigned: dict[int, _Worker] = {}
+        self._by_pid: dict[int, _Worker] = {}
+        self._by_request: dict[int, _Worker] = {}
+        self._busy = 0
+        self._hand_out_scheduled = False
+        self._stopping = stopping
+        self._start_failures = 0
+        self._broken: str | None = None
+        self._forkserver: processes.ForkServer | None = None
+        self._config: dict[str, Any] = {}
+        self._all_ready: asyncio.Future[None] | None = None
+
+    @classmethod
+    def conformance_options(cls, tmp_path: Path) -> dict[str, Any]:
+        _check_platform()
+        return {"start_method": DEFAULT_START_METHOD}
+
+    # ================================================================== start and stop
+
+    async def startup(self) -> None:
+        self._reset(stopping=False)
+        loop = self._running_loop()
+        self._config = {"sys_path": list(sys.path), "log_levels": logger_levels()}
+        self._all_ready = loop.create_future()
+        try:
+            if self.start_method == "forkserver":
+                self._forkserver = self._new_forkserver()
+                await self._forkserver.ready(START_TIMEOUT)
+            for _ in range(self.workers):
+                self._start_worker()
+            await asyncio.wait_for(asyncio.shield(self._all_ready), START_TIMEOUT)
+        except BaseException as exc:
+            await self.shutdown()
+            if isinstance(exc, TimeoutError):
+                raise BackendUnavailable(
+                    f"{self.workers} worker process(es) did not all start within "
+                    f"{START_TIMEOUT} s (start_method={self.start_method!r})"
+                ) from None
+            raise
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._backlog.clear()
+        for worker in self._workers:
+            self._close_task_pipe(worker)  # a worker between tasks exits when its pipe ends
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            alive = [worker for worker in self._workers if worker.state is not _DEAD]
+            if not alive:
+                break
+            for worker in alive:
+                if sig is not None and worker.pid is not None:
+                    processes.kill_group(worker.pid, sig)
+            await asyncio.wait([worker.exited for worker in alive], timeout=STOP_GRACE)
+        for worker in self._workers:
+            logger.error("%r did not exit after SIGKILL; giving up on it", worker)
+            self._close_pipes(worker)
+        forkserver = self._forkserver
+        if forkserver is not None:
+            forkserver.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(forkserver.exited), STOP_GRACE)
+            if not forkserver.exited.done():
+                forkserver.kill()
+                await asyncio.wait([forkserver.exited], timeout=STOP_GRACE)
+        self._reset(stopping=True)
+
+    def _new_forkserver(self) -> processes.ForkServer:
+        forkserver = processes.ForkServer(
+            self._running_loop(), self._on_forked, self._on_forkserver_exit, self._on_forkserver_lost
+        )
+        forkserver.launch(self._config)
+        return forkserver
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self.loop
+        assert loop is not None
+        return loop
+
+    def _start_worker(self) -> None:
+        """Start one worker process; it is given tasks once it says HELLO."""
+        loop = self._running_loop()
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        os.set_blocking(task_w, False)
+        os.set_blocking(result_r, False)
+        worker = _Worker(task_w, result_r, self.max_tasks_per_child, loop.create_future())
+        self._send(worker, frame(CONFIG, 0, pickle.dumps(self._config, pickle.HIGHEST_PROTOCOL)))
+        try:
+            if self.start_method == "spawn":
+                worker.popen = processes.spawn_worker(task_r, result_w)
+                self._watch(worker, worker.popen.pid)
+            elif self.start_method == "fork":
+                others = [fd for w in self._workers for fd in (w.task_fd, w.result_fd) if fd >= 0]
+                pid = processes.fork_worker(task_r, result_w, [task_w, result_r, *others])
+                self._watch(worker, pid)
+            else:
+                if self._forkserver is None or not self._forkserver.alive:
+                    self._forkserver = self._new_forkserver()
+                worker.forkserver = self._forkserver
+                self._by_request[self._forkserver.fork(task_r, result_w)] = worker
+        except BaseException:
+            self._close_pipes(worker)
+            raise
+        finally:
+            os.close(task_r)
+            os.close(result_w)
+        loop.add_reader(result_r, self._on_readable, worker)
+        self._workers.append(worker)
+
+    def _watch(self, worker: _Worker, pid: int) -> None:
+        worker.pid = pid
+        processes.watch_exit(self._running_loop(), pid, lambda code: self._on_exit(worker, code))
+
+    def _on_forked(self, request_id: int, pid: int) -> None:
+        worker = self._by_request.pop(request_id, None)
+        if worker is not None:
+            worker.pid = pid
+            self._by_pid[pid] = worker
+
+    def _on_forkserver_exit(self, pid: int, code: int) -> None:
+        worker = self._by_pid.pop(pid, None)
+        if worker is not None:
+            self._on_exit(worker, code)
+
+    def _on_forkserver_lost(self, forkserver: processes.ForkServer) -> None:
+        """The fork server ended: its workers died with it (or are killed now)."""
+        if self._forkserver is forkserver:
+            self._forkserver = None
+        lost = []
+        for table in (self._by_request, self._by_pid):
+            for key in [key for key, worker in table.items() if worker.forkserver is forkserver]:
+                lost.append(table.pop(key))
+        for worker in lost:
+            if worker.pid is not None:
+                processes.kill_group(worker.pid)
+            self._on_exit(worker, None)
+
+    # ================================================================== the backend API
+
+    def in_flight_limit(self) -> int:
+        return self.workers * self._depth
+
+    def prepare(self, task: Task) -> None:
+        super().prepare(task)
+        task.payload = dumps_call(task.function, task.args, task.kwargs)
+
+    def launch(self, task: Task, token: int) -> None:
+        if self._broken is not None:
+            self.complete(task, token, error=WorkerLost(self._broken))
+            return
+        self._backlog.append((task, token))
+        if not self._hand_out_scheduled:
+            self._hand_out_scheduled = True
+            self._running_loop().call_soon(self._hand_out)
+
+    def abort(self, task: Task, token: int) -> None:
+        worker = self._assigned.get(token)
+        if worker is None:
+            if (task, token) in self._backlog:
+                self._backlog.remove((task, token))
+                self.complete(task, token, error=TaskCancelled("stopped before it started"))
+        elif worker.current == token:
+            self._kill(worker, token)
+        elif token not in worker.revoking:
+            worker.revoking.add(token)
+            self._send(worker, frame(REVOKE, token))
+
+    def cancel_queued(self) -> None:
+        """Cancel every task that has not started, including those already handed to a worker."""
+        super().cancel_queued()
+        held = [task for task, _ in self._backlog]
+        for worker in self._workers:
+            held.extend(task for token, task in worker.queue.items() if token != worker.current)
+        for task in held:
+            task.cancel()
+
+    # ================================================================== handing out tasks
+
+    def _hand_out(self) -> None:
+        """Give backlog tasks to workers with room, least loaded first; one write per worker."""
+        self._hand_out_scheduled = False
+        backlog = self._backlog
+        if not backlog or self._stopping:
+            return
+        depth = self._depth
+        room = [
+            (len(worker.queue), index, worker)
+            for index, worker in enumerate(self._workers)
+            if worker.state is _READY and worker.cores <= 1 and len(worker.queue) < depth
+        ]
+        heapq.heapify(room)
+        frames: dict[_Worker, list[bytes]] = {}
+        while backlog and room:
+            task, token = backlog[0]
+            if task.done():  # finished while waiting here (its slot is released below)
+                backlog.popleft()
+                self.complete(task, token, error=TaskCancelled("stopped before it started"))
+                continue
+            load, index, worker = room[0]
+            cores = task.resources.cores
+            if load == 0 and self._busy + cores > self.workers:
+                if cores > 1:
+                    break  # in order: wait until enough workers are idle
+                heapq.heappop(room)  # may not start another worker; busy ones may take it
+                continue
+            if cores > 1 and load > 0:
+                break
+            heapq.heappop(room)
+            backlog.popleft()
+            if load == 0:
+                self._busy += cores
+                worker.cores = cores
+            worker.queue[token] = task
+            self._assigned[token] = worker
+            function, arguments = task.payload
+            frames.setdefault(worker, []).append(
+                frame(TASK, token, SIZE.pack(len(function)) + function + arguments)
+            )
+            if worker.budget is not None:
+                worker.budget -= 1
+                if worker.budget == 0:
+                    self._retire(worker)
+            if worker.state is _READY and cores == 1 and load + 1 < depth:
+                heapq.heappush(room, (load + 1, index, worker))
+        for worker, batch in frames.items():
+            self._send(worker, b"".join(batch))
+
+    def _schedule_hand_out(self) -> None:
+        if self._backlog and not self._hand_out_scheduled:
+            self._hand_out_scheduled = True
+            self._running_loop().call_soon(self._hand_out)
+
+    def _retune(self) -> None:
+        """Set how many tasks a worker may hold from the measured task duration."""
+        seconds = self._seconds
+        if seconds is None or seconds >= PIPELINE_WINDOW:
+            depth = 1
+        else:
+            wanted = min(MAX_DEPTH, 1 + int(PIPELINE_WINDOW / max(seconds, 1e-7)))
+            depth = 1 << (wanted.bit_length() - 1)  # powers of two: noise does not flap it
+        if depth != self._depth:
+            self._depth = depth
+            self.in_flight_limit_changed()
+            self._schedule_hand_out()
+
+    # ================================================================== reading from workers
+
+    def _on_readable(self, worker: _Worker) -> None:
+        # tasks launched while this batch is handled (as slots free up) go out in one go at the end
+        already_scheduled = self._hand_out_scheduled
+        self._hand_out_scheduled = True
+        try:
+            self._read(worker)
+            self._process(worker)
+            self._retune()
+        finally:
+            if not already_scheduled:
+                self._hand_out()
+
+    def _read(self, worker: _Worker) -> bool:
+        """Move the complete frames the worker has written into its inbox, without blocking.
+
+        Reads at most _READS_PER_CALL times, so that one worker streaming a large result does not
+        hold up the others; returns True if there may be more to read.
+        """
+        for _ in range(_READS_PER_CALL):
+            if worker.result_fd < 0:
+                return False
+            try:
+                data = os.read(worker.result_fd, _READ_SIZE)
+            except BlockingIOError:
+                return False
+            except OSError:
+                data = b""
+            if not data:
+                # the worker is exiting; its exit is reported by its watcher
+                self._running_loop().remove_reader(worker.result_fd)
+                os.close(worker.result_fd)
+                worker.result_fd = -1
+                return False
+            worker.inbox.extend(worker.reader.feed(data))
+            if len(data) < _READ_SIZE:
+                return False
+        return True
+
+    def _process(self, worker: _Worker) -> None:
+        """Handle the worker's frames in order; safe to re-enter (through complete's callbacks)."""
+        inbox = worker.inbox
+        while inbox:
+            kind, token, payload = inbox.popleft()
+            if kind in (RESULT, ERROR):
+                self._on_outcome(worker, kind, token, payload)
+            elif kind == STARTED:
+                self._on_started(worker, token)
+            elif kind == LOG:
+                self._on_log(worker, payload)
+            elif kind == SKIPPED:
+                task = self._release(worker, token)
+                if worker.budget is not None:
+                    worker.budget += 1
+                self.complete(task, token, error=TaskCancelled("revoked before it started"))
+            elif kind == HELLO:
+                self._on_hello(worker, token)
+
+    def _on_outcome(self, worker: _Worker, kind: int, token: int, payload: bytes) -> None:
+        (seconds,) = SECONDS.unpack_from(payload)
+        previous = self._seconds
+        self._seconds = seconds if previous is None else previous + _SMOOTHING * (seconds - previous)
+        task = self._release(worker, token)
+        body = memoryview(payload)[SECONDS.size :]
+        try:
+            if kind == RESULT:
+                result = loads(body)
+                error = None
+            else:
+                result, error = None, restore_exception(loads(body))
+        except Exception as exc:
+            result, error = (
+                None,
+                ResultUnreadable(f"the outcome of {task!r} cannot be unpickled here: {exc!r}"),
+            )
+        self.complete(task, token, result=result, error=error, worker=worker.name)
+
+    def _on_log(self, worker: _Worker, payload: bytes) -> None:
+        try:
+            record = unpack_record(payload)
+        except Exception as exc:  # it holds an object of a class this process cannot import
+            logger.warning("a log record from worker %s cannot be unpickled here: %r", worker.name, exc)
+            return
+        emit_record(record)
+
+    def _on_started(self, worker: _Worker, token: int) -> None:
+        worker.current = token
+        task = worker.queue[token]
+        if token in worker.revoking:
+            self._kill(worker, token)  # it started before the revocation arrived
+        else:
+            self.attempt_started(task, token)
+
+    def _on_hello(self, worker: _Worker, pid: int) -> None:
+        worker.pid = pid
+        worker.name = f"pid {pid}"
+        if worker.state is _STARTING:
+            worker.state = _READY
+        self._start_failures = 0
+        self._broken = None
+        all_ready = self._all_ready
+        starting = any(worker.state is _STARTING for worker in self._workers)
+        if all_ready is not None and not all_ready.done() and not starting:
+            all_ready.set_result(None)
+        self._schedule_hand_out()
+
+    def _release(self, worker: _Worker, token: int) -> Task:
+        """Take a reported token off its worker; an idle worker gives back its cores."""
+        task = worker.queue.pop(token)
+        del self._assigned[token]
+        worker.revoking.discard(token)
+        if worker.current == token:
+            worker.current = None
+        if not worker.queue:
+            self._busy -= worker.cores
+            worker.cores = 0
+            if worker.state is _RETIRING:
+                self._close_task_pipe(worker)
+        self._schedule_hand_out()
+        return task
+
+    # ================================================================== writing to workers
+
+    def _send(self, worker: _Worker, data: bytes) -> None:
+        if worker.task_fd < 0:
+            return
+        if worker.outbox:
+            worker.outbox += data
+            return
+        try:
+            written = os.write(worker.task_fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return  # the worker is gone; its exit is reported by its watcher
+        if written < len(data):
+            worker.outbox += data[written:]
+            self._running_loop().add_writer(worker.task_fd, self._flush, worker)
+
+    def _flush(self, worker: _Worker) -> None:
+        outbox = worker.outbox
+        try:
+            with memoryview(outbox) as view:
+                written = os.write(worker.task_fd, view[worker.outbox_sent :])
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(outbox)  # the worker is gone; its exit is reported by its watcher
+        worker.outbox_sent += written
+        if worker.outbox_sent >= len(outbox):
+            outbox.clear()
+            worker.outbox_sent = 0
+            self._running_loop().remove_writer(worker.task_fd)
+            if worker.state is _RETIRING and not worker.queue:
+                self._close_task_pipe(worker)
+
+    def _close_task_pipe(self, worker: _Worker) -> None:
+        """End the worker's task pipe: it exits once it reads that (after any outbox bytes)."""
+        if worker.task_fd < 0 or (worker.outbox and not self._stopping):
+            return
+        self._running_loop().remove_writer(worker.task_fd)
+        os.close(worker.task_fd)
+        worker.task_fd = -1
+        worker.outbox.clear()
+        worker.outbox_sent = 0
+
+    def _close_pipes(self, worker: _Worker) -> None:
+        loop = self._running_loop()
+        if worker.task_fd >= 0:
+            loop.remove_writer(worker.task_fd)
+            os.close(worker.task_fd)
+            worker.task_fd = -1
+        if worker.result_fd >= 0:
+            loop.remove_reader(worker.result_fd)
+            os.close(worker.result_fd)
+            worker.result_fd = -1
+
+    # ================================================================== replacing workers
+
+    def _retire(self, worker: _Worker) -> None:
+        """The worker had its max_tasks_per_child: give it no more, start its successor."""
+        worker.state = _RETIRING
+        if not worker.queue:
+            self._close_task_pipe(worker)
+        self._replace()
+
+    def _kill(self, worker: _Worker, victim: int) -> None:
+        """Stop the attempt ``victim`` by killing the worker running it; start a successor."""
+        if worker.state in (_KILLED, _DEAD):
+            return
+        # what the worker already reported may show the attempt over, or that it never began
+        self._read(worker)
+        self._process(worker)
+        if worker.current != victim:
+            if victim in worker.queue and victim not in worker.revoking:
+                worker.revoking.add(victim)
+                self._send(worker, frame(REVOKE, victim))
+            return
+        previous = worker.state
+        worker.state = _KILLED
+        worker.victim = victim
+        if worker.pid is not None:
+            processes.kill_group(worker.pid)
+        if previous is not _RETIRING:
+            self._replace()
+
+    def _replace(self) -> None:
+        if self.is_running() and not self._stopping:
+            try:
+                self._start_worker()
+            except OSError as exc:
+                self._start_failed(f"a worker process could not be started: {exc}")
+
+    def _on_exit(self, worker: _Worker, code: int | None) -> None:
+        """The worker process ended: settle every task it held, and replace it if it should be."""
+        if worker.state is _DEAD:
+            return
+        while self._read(worker):  # all it wrote before it ended
+            pass
+        self._process(worker)
+        previous = worker.state
+        worker.state = _DEAD
+        self._close_pipes(worker)
+        if worker.popen is not None:
+            worker.popen.returncode = code  # reaped by the watcher
+        if worker.pid is not None:
+            processes.kill_group(worker.pid)  # whatever its task started and left behind
+        with contextlib.suppress(ValueError):
+            self._workers.remove(worker)
+        self._busy -= worker.cores
+        worker.cores = 0
+        how = processes.describe_exit(code)
+        settled: list[tuple[Task, int, BaseException]] = []
+        innocent: list[tuple[Task, int]] = []
+        for token, task in worker.queue.items():
+            del self._assigned[token]
+            if token == worker.victim or token in worker.revoking:
+                settled.append((task, token, TaskCancelled("its attempt was stopped")))
+            elif token == worker.current and previous is not _KILLED:
+                lost = WorkerLost(f"the worker process running {task!r} ({worker.name}) {how}")
+                settled.append((task, token, lost))
+            else:  # never started, or started by a worker killed for another task
+                innocent.append((task, token))
+        worker.queue.clear()
+        self._backlog.extendleft(reversed(innocent))
+        if previous is _STARTING:
+            self._start_failed(
+                f"a worker process{f' (pid {worker.pid})' if worker.pid else ''} {how} before it "
+                "was ready; its error output, if any, is above (stderr). Check that "
+                f"`{sys.executable} -c 'import taskplex_mp.worker'` works here"
+            )
+        elif previous is _READY and not self._stopping:
+            logger.warning("worker %s %s; starting another", worker.name, how)
+            self._replace()
+        worker.exited.set_result(None)
+        for task, token, error in settled:
+            self.complete(task, token, error=error, worker=worker.name)
+        self._schedule_hand_out()
+
+    def _start_failed(self, message: str) -> None:
+        all_ready = self._all_ready
+        if all_ready is not None and not all_ready.done():
+            all_ready.set_exception(BackendUnavailable(message))
+            return
+        if self._stopping:
+            return
+        self._start_failures += 1
+        logger.error("%s (failure %d in a row)", message, self._start_failures)
+        if self._start_failures >= START_ATTEMPTS and not any(w.state is _READY for w in self._workers):
+            self._broken = f"no worker process can be started: {message}"
+            backlog, self._backlog = self._backlog, deque()
+            for task, token in backlog:
+                self.complete(task, token, error=WorkerLost(self._broken))
+        delay = min(5.0, 0.1 * 2**self._start_failures)
+        self._running_loop().call_later(delay, self._replace)

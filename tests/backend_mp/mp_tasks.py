@@ -1,0 +1,108 @@
+"""Task functions for the mp backend's tests; importable by name in the worker processes.
+
+They report what they did through files in a directory the test owns (never through the API under
+test), and every wait in them is bounded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+BOUND = 30.0
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def slow_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def hold(directory: str, name: str) -> int:
+    """Write ``<name>.started`` (holding the pid), wait for ``<name>.release``, write ``.done``."""
+    folder = Path(directory)
+    record_run(folder, name)
+    scratch = folder / f"{name}.tmp"
+    scratch.write_text(str(os.getpid()))
+    scratch.rename(folder / f"{name}.started")
+    deadline = time.monotonic() + BOUND
+    while not (folder / f"{name}.release").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} was not released")
+        time.sleep(0.01)
+    (folder / f"{name}.done").touch()
+    return os.getpid()
+
+
+def mark(directory: str, name: str) -> str:
+    """Count one run of ``name``; return the name."""
+    record_run(Path(directory), name)
+    return name
+
+
+def record_run(folder: Path, name: str) -> int:
+    """Count one more run of ``name`` with a file per run; return its number (from 1)."""
+    run = 1
+    while True:
+        try:
+            os.close(os.open(folder / f"{name}.run{run}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            run += 1
+        else:
+            return run
+
+
+def runs(directory: str, name: str) -> int:
+    return len(list(Path(directory).glob(f"{name}.run*")))
+
+
+def die(how: str) -> None:
+    """End the worker process abruptly, as ``how`` says."""
+    if how == "exit":
+        os._exit(3)
+    elif how == "segfault":
+        ctypes.string_at(0)
+    elif how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(BOUND)
+
+
+def log_failure(logger_name: str) -> None:
+    try:
+        raise ValueError("inner problem")
+    except ValueError:
+        logging.getLogger(logger_name).exception("task failed with %s", "details")
+
+
+def accept(*args: object, **kwargs: object) -> int:
+    return len(args) + len(kwargs)
+
+
+def shout(text: str) -> str:
+    print(text)
+    return text
+
+
+def return_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+def start_grandchild(directory: str) -> int:
+    """Start a long-lived process from the task, record its pid, and wait to be stopped."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    scratch = Path(directory) / "grandchild.tmp"
+    scratch.write_text(str(child.pid))
+    scratch.rename(Path(directory) / "grandchild.pid")
+    time.sleep(BOUND)
+    return child.pid
