@@ -39,6 +39,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+# the standard library's future states (concurrent.futures._base) in which a future is done
+_DONE_STATES = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
 
 
 class TaskFuture(cf.Future[Any]):
@@ -72,13 +74,16 @@ class TaskFuture(cf.Future[Any]):
     def _wait_done(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
-            while not self.done():
+            while self._state not in _DONE_STATES:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"{self.task!r} did not finish within {timeout} s")
                 self._condition.wait(remaining)
 
     def result(self, timeout: float | None = None) -> Any:
+        # A finished future never changes again, so its value can be read without the lock.
+        if self._state == "FINISHED" and self._exception is None:
+            return self._result
         self._wait_done(timeout)
         return super().result(0)
 
