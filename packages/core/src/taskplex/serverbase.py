@@ -18,7 +18,9 @@ A backend subclasses ServerBase and implements either
   that batch work or learn of completions from elsewhere (pipes, sockets, a scheduler).
 
 Plus, optionally: ``startup()`` / ``shutdown()`` (bring workers up and down), ``prepare(task)``
-(called at submit in the submitting thread: serialise, check resources), and ``slots_for(task)``.
+(called at submit in the submitting thread: serialise, check resources), ``slots_for(task)``,
+``can_cancel_running(task)``, and for backends that hand workers tasks ahead of time,
+``in_flight_limit()`` with ``attempt_started(task, token)`` (timeouts count from the real start).
 
 Policy owned here: per-task ``timeout`` (a timer per attempt; the backend is asked to ``abort``),
 ``retries`` (infrastructure errors, and user errors when ``retry_user_errors``), ``depends_on``,
@@ -570,7 +572,6 @@ class ServerBase(Server):
             return task.cancelled()
         if _in_loop(loop):
             return self._cancel_now(task)
-        task._cancel_requested = True
         loop.call_soon_threadsafe(self._cancel_now, task)
         return task.status is not TaskStatus.RUNNING or self.can_cancel_running(task)
 

@@ -112,7 +112,6 @@ class Task:
     """
 
     __slots__ = (
-        "_cancel_requested",
         "_future",
         "_server",
         "_token",
@@ -186,7 +185,6 @@ class Task:
         """Backend-private data (e.g. the serialised call); cleared when the task finishes."""
         self._server: ServerBase | None = None
         self._token = 0
-        self._cancel_requested = False
         self._future: Any = None
 
     def __repr__(self) -> str:
