@@ -9,7 +9,10 @@ Data flow, all on the server's event loop except the first line::
                         worker process (one task at a time): STARTED, then RESULT or ERROR
                                                         │ one pipe per worker, read when readable
                                                         ▼
-    complete(task, token, result | error) ◄── _on_frame ── STARTED: attempt_started (timeout clock)
+    complete(task, token, result | error) ◄── _process ─── STARTED: attempt_started (timeout clock)
+
+Each worker's pipes, state and held tasks are a :class:`~taskplex_mp._worker_handle.WorkerHandle`,
+which reads and writes the frames without blocking; this module decides what they mean.
 
 **Pipelining.** Each worker may hold a few tasks beyond the one it runs, so that it never waits for
 the server between short tasks. How many follows the measured task duration: about 10 ms of work per
@@ -66,8 +69,15 @@ from taskplex_mp._frames import (
     SKIPPED,
     STARTED,
     TASK,
-    FrameReader,
     frame,
+)
+from taskplex_mp._worker_handle import (
+    DEAD,
+    KILLED,
+    READY,
+    RETIRING,
+    STARTING,
+    WorkerHandle,
 )
 
 __all__ = ["DEFAULT_START_METHOD", "MultiprocessingServer"]
@@ -87,11 +97,7 @@ PIPELINE_WINDOW = 0.01
 """Seconds of work a worker may hold beyond the task it runs."""
 MAX_DEPTH = 64
 """Most tasks a worker may hold, the running one included."""
-_READ_SIZE = 1 << 16
-_READS_PER_CALL = 16
 _SMOOTHING = 0.2
-
-_STARTING, _READY, _RETIRING, _KILLED, _DEAD = "starting", "ready", "retiring", "killed", "dead"
 
 
 def _check_platform() -> None:
@@ -106,65 +112,6 @@ def _default_workers() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-class _Worker:
-    """The server's view of one worker process."""
-
-    __slots__ = (
-        "budget",
-        "cores",
-        "current",
-        "exited",
-        "forkserver",
-        "inbox",
-        "name",
-        "outbox",
-        "outbox_sent",
-        "pid",
-        "popen",
-        "queue",
-        "reader",
-        "result_fd",
-        "revoking",
-        "state",
-        "task_fd",
-        "victim",
-    )
-
-    def __init__(
-        self, task_fd: int, result_fd: int, budget: int | None, exited: asyncio.Future[None]
-    ) -> None:
-        self.task_fd = task_fd
-        """The server's end of the pipe to the worker (non-blocking; -1 once closed)."""
-        self.result_fd = result_fd
-        """The server's end of the pipe from the worker (non-blocking; -1 once closed)."""
-        self.state = _STARTING
-        self.pid: int | None = None
-        self.name = "a starting worker"
-        self.popen: Any = None
-        self.forkserver: processes.ForkServer | None = None
-        """The fork server that forked it (start_method "forkserver")."""
-        self.reader = FrameReader()
-        self.inbox: deque[tuple[int, int, bytes]] = deque()
-        self.outbox = bytearray()
-        """Bytes the pipe would not take yet; the first ``outbox_sent`` of them are written."""
-        self.outbox_sent = 0
-        self.queue: dict[int, Task] = {}
-        """Tasks handed to this worker and not yet reported, by token, in the order sent."""
-        self.current: int | None = None
-        """The token the worker reported STARTED and has not finished."""
-        self.revoking: set[int] = set()
-        self.victim: int | None = None
-        """The token whose attempt this worker was killed to stop."""
-        self.cores = 0
-        """Worker slots this worker occupies while it has work (its task's cores), else 0."""
-        self.budget = budget
-        """Tasks it may still be given (max_tasks_per_child), or None."""
-        self.exited = exited
-
-    def __repr__(self) -> str:
-        return f"<worker {self.name} {self.state} holding {len(self.queue)}>"
 
 
 class MultiprocessingServer(ServerBase):
@@ -212,11 +159,11 @@ class MultiprocessingServer(ServerBase):
         self._reset(stopping=True)
 
     def _reset(self, *, stopping: bool) -> None:
-        self._workers: list[_Worker] = []
+        self._workers: list[WorkerHandle] = []
         self._backlog: deque[tuple[Task, int]] = deque()
-        self._assigned: dict[int, _Worker] = {}
-        self._by_pid: dict[int, _Worker] = {}
-        self._by_request: dict[int, _Worker] = {}
+        self._assigned: dict[int, WorkerHandle] = {}
+        self._by_pid: dict[int, WorkerHandle] = {}
+        self._by_request: dict[int, WorkerHandle] = {}
         self._busy = 0
         self._hand_out_scheduled = False
         self._stopping = stopping
@@ -258,9 +205,9 @@ class MultiprocessingServer(ServerBase):
         self._stopping = True
         self._backlog.clear()
         for worker in self._workers:
-            self._close_task_pipe(worker)  # a worker between tasks exits when its pipe ends
+            worker.close_task_pipe(drop_outbox=True)  # a worker between tasks exits when its pipe ends
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            alive = [worker for worker in self._workers if worker.state is not _DEAD]
+            alive = [worker for worker in self._workers if worker.state is not DEAD]
             if not alive:
                 break
             for worker in alive:
@@ -269,7 +216,7 @@ class MultiprocessingServer(ServerBase):
             await asyncio.wait([worker.exited for worker in alive], timeout=STOP_GRACE)
         for worker in self._workers:
             logger.error("%r did not exit after SIGKILL; giving up on it", worker)
-            self._close_pipes(worker)
+            worker.close_pipes()
         forkserver = self._forkserver
         if forkserver is not None:
             forkserver.close()
@@ -299,8 +246,8 @@ class MultiprocessingServer(ServerBase):
         result_r, result_w = os.pipe()
         os.set_blocking(task_w, False)
         os.set_blocking(result_r, False)
-        worker = _Worker(task_w, result_r, self.max_tasks_per_child, loop.create_future())
-        self._send(worker, frame(CONFIG, 0, pickle.dumps(self._config, pickle.HIGHEST_PROTOCOL)))
+        worker = WorkerHandle(loop, task_w, result_r, self.max_tasks_per_child)
+        worker.send(frame(CONFIG, 0, pickle.dumps(self._config, pickle.HIGHEST_PROTOCOL)))
         try:
             if self.start_method == "spawn":
                 worker.popen = processes.spawn_worker(task_r, result_w)
@@ -315,7 +262,7 @@ class MultiprocessingServer(ServerBase):
                 worker.forkserver = self._forkserver
                 self._by_request[self._forkserver.fork(task_r, result_w)] = worker
         except BaseException:
-            self._close_pipes(worker)
+            worker.close_pipes()
             raise
         finally:
             os.close(task_r)
@@ -323,7 +270,7 @@ class MultiprocessingServer(ServerBase):
         loop.add_reader(result_r, self._on_readable, worker)
         self._workers.append(worker)
 
-    def _watch(self, worker: _Worker, pid: int) -> None:
+    def _watch(self, worker: WorkerHandle, pid: int) -> None:
         worker.pid = pid
         processes.watch_exit(self._running_loop(), pid, lambda code: self._on_exit(worker, code))
 
@@ -379,7 +326,7 @@ class MultiprocessingServer(ServerBase):
             self._kill(worker, token)
         elif token not in worker.revoking:
             worker.revoking.add(token)
-            self._send(worker, frame(REVOKE, token))
+            worker.send(frame(REVOKE, token))
 
     def cancel_queued(self) -> None:
         """Cancel every task that has not started, including those already handed to a worker."""
@@ -402,10 +349,10 @@ class MultiprocessingServer(ServerBase):
         room = [
             (len(worker.queue), index, worker)
             for index, worker in enumerate(self._workers)
-            if worker.state is _READY and worker.cores <= 1 and len(worker.queue) < depth
+            if worker.state is READY and worker.cores <= 1 and len(worker.queue) < depth
         ]
         heapq.heapify(room)
-        frames: dict[_Worker, list[bytes]] = {}
+        frames: dict[WorkerHandle, list[bytes]] = {}
         while backlog and room:
             task, token = backlog[0]
             if task.done():  # finished while waiting here (its slot is released below)
@@ -436,10 +383,10 @@ class MultiprocessingServer(ServerBase):
                 worker.budget -= 1
                 if worker.budget == 0:
                     self._retire(worker)
-            if worker.state is _READY and cores == 1 and load + 1 < depth:
+            if worker.state is READY and cores == 1 and load + 1 < depth:
                 heapq.heappush(room, (load + 1, index, worker))
         for worker, batch in frames.items():
-            self._send(worker, b"".join(batch))
+            worker.send(b"".join(batch))
 
     def _schedule_hand_out(self) -> None:
         if self._backlog and not self._hand_out_scheduled:
@@ -461,45 +408,19 @@ class MultiprocessingServer(ServerBase):
 
     # ================================================================== reading from workers
 
-    def _on_readable(self, worker: _Worker) -> None:
+    def _on_readable(self, worker: WorkerHandle) -> None:
         # tasks launched while this batch is handled (as slots free up) go out in one go at the end
         already_scheduled = self._hand_out_scheduled
         self._hand_out_scheduled = True
         try:
-            self._read(worker)
+            worker.read()
             self._process(worker)
             self._retune()
         finally:
             if not already_scheduled:
                 self._hand_out()
 
-    def _read(self, worker: _Worker) -> bool:
-        """Move the complete frames the worker has written into its inbox, without blocking.
-
-        Reads at most _READS_PER_CALL times, so that one worker streaming a large result does not
-        hold up the others; returns True if there may be more to read.
-        """
-        for _ in range(_READS_PER_CALL):
-            if worker.result_fd < 0:
-                return False
-            try:
-                data = os.read(worker.result_fd, _READ_SIZE)
-            except BlockingIOError:
-                return False
-            except OSError:
-                data = b""
-            if not data:
-                # the worker is exiting; its exit is reported by its watcher
-                self._running_loop().remove_reader(worker.result_fd)
-                os.close(worker.result_fd)
-                worker.result_fd = -1
-                return False
-            worker.inbox.extend(worker.reader.feed(data))
-            if len(data) < _READ_SIZE:
-                return False
-        return True
-
-    def _process(self, worker: _Worker) -> None:
+    def _process(self, worker: WorkerHandle) -> None:
         """Handle the worker's frames in order; safe to re-enter (through complete's callbacks)."""
         inbox = worker.inbox
         while inbox:
@@ -518,7 +439,7 @@ class MultiprocessingServer(ServerBase):
             elif kind == HELLO:
                 self._on_hello(worker, token)
 
-    def _on_outcome(self, worker: _Worker, kind: int, token: int, payload: bytes) -> None:
+    def _on_outcome(self, worker: WorkerHandle, kind: int, token: int, payload: bytes) -> None:
         (seconds,) = SECONDS.unpack_from(payload)
         previous = self._seconds
         self._seconds = seconds if previous is None else previous + _SMOOTHING * (seconds - previous)
@@ -537,7 +458,7 @@ class MultiprocessingServer(ServerBase):
             )
         self.complete(task, token, result=result, error=error, worker=worker.name)
 
-    def _on_log(self, worker: _Worker, payload: bytes) -> None:
+    def _on_log(self, worker: WorkerHandle, payload: bytes) -> None:
         try:
             record = unpack_record(payload)
         except Exception as exc:  # it holds an object of a class this process cannot import
@@ -545,7 +466,7 @@ class MultiprocessingServer(ServerBase):
             return
         emit_record(record)
 
-    def _on_started(self, worker: _Worker, token: int) -> None:
+    def _on_started(self, worker: WorkerHandle, token: int) -> None:
         worker.current = token
         task = worker.queue[token]
         if token in worker.revoking:
@@ -553,20 +474,20 @@ class MultiprocessingServer(ServerBase):
         else:
             self.attempt_started(task, token)
 
-    def _on_hello(self, worker: _Worker, pid: int) -> None:
+    def _on_hello(self, worker: WorkerHandle, pid: int) -> None:
         worker.pid = pid
         worker.name = f"pid {pid}"
-        if worker.state is _STARTING:
-            worker.state = _READY
+        if worker.state is STARTING:
+            worker.state = READY
         self._start_failures = 0
         self._broken = None
         all_ready = self._all_ready
-        starting = any(worker.state is _STARTING for worker in self._workers)
+        starting = any(worker.state is STARTING for worker in self._workers)
         if all_ready is not None and not all_ready.done() and not starting:
             all_ready.set_result(None)
         self._schedule_hand_out()
 
-    def _release(self, worker: _Worker, token: int) -> Task:
+    def _release(self, worker: WorkerHandle, token: int) -> Task:
         """Take a reported token off its worker; an idle worker gives back its cores."""
         task = worker.queue.pop(token)
         del self._assigned[token]
@@ -576,94 +497,38 @@ class MultiprocessingServer(ServerBase):
         if not worker.queue:
             self._busy -= worker.cores
             worker.cores = 0
-            if worker.state is _RETIRING:
-                self._close_task_pipe(worker)
+            if worker.state is RETIRING:
+                worker.close_task_pipe(drop_outbox=self._stopping)
         self._schedule_hand_out()
         return task
 
-    # ================================================================== writing to workers
-
-    def _send(self, worker: _Worker, data: bytes) -> None:
-        if worker.task_fd < 0:
-            return
-        if worker.outbox:
-            worker.outbox += data
-            return
-        try:
-            written = os.write(worker.task_fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            return  # the worker is gone; its exit is reported by its watcher
-        if written < len(data):
-            worker.outbox += data[written:]
-            self._running_loop().add_writer(worker.task_fd, self._flush, worker)
-
-    def _flush(self, worker: _Worker) -> None:
-        outbox = worker.outbox
-        try:
-            with memoryview(outbox) as view:
-                written = os.write(worker.task_fd, view[worker.outbox_sent :])
-        except BlockingIOError:
-            return
-        except OSError:
-            written = len(outbox)  # the worker is gone; its exit is reported by its watcher
-        worker.outbox_sent += written
-        if worker.outbox_sent >= len(outbox):
-            outbox.clear()
-            worker.outbox_sent = 0
-            self._running_loop().remove_writer(worker.task_fd)
-            if worker.state is _RETIRING and not worker.queue:
-                self._close_task_pipe(worker)
-
-    def _close_task_pipe(self, worker: _Worker) -> None:
-        """End the worker's task pipe: it exits once it reads that (after any outbox bytes)."""
-        if worker.task_fd < 0 or (worker.outbox and not self._stopping):
-            return
-        self._running_loop().remove_writer(worker.task_fd)
-        os.close(worker.task_fd)
-        worker.task_fd = -1
-        worker.outbox.clear()
-        worker.outbox_sent = 0
-
-    def _close_pipes(self, worker: _Worker) -> None:
-        loop = self._running_loop()
-        if worker.task_fd >= 0:
-            loop.remove_writer(worker.task_fd)
-            os.close(worker.task_fd)
-            worker.task_fd = -1
-        if worker.result_fd >= 0:
-            loop.remove_reader(worker.result_fd)
-            os.close(worker.result_fd)
-            worker.result_fd = -1
-
     # ================================================================== replacing workers
 
-    def _retire(self, worker: _Worker) -> None:
+    def _retire(self, worker: WorkerHandle) -> None:
         """The worker had its max_tasks_per_child: give it no more, start its successor."""
-        worker.state = _RETIRING
+        worker.state = RETIRING
         if not worker.queue:
-            self._close_task_pipe(worker)
+            worker.close_task_pipe(drop_outbox=self._stopping)
         self._replace()
 
-    def _kill(self, worker: _Worker, victim: int) -> None:
+    def _kill(self, worker: WorkerHandle, victim: int) -> None:
         """Stop the attempt ``victim`` by killing the worker running it; start a successor."""
-        if worker.state in (_KILLED, _DEAD):
+        if worker.state in (KILLED, DEAD):
             return
         # what the worker already reported may show the attempt over, or that it never began
-        self._read(worker)
+        worker.read()
         self._process(worker)
         if worker.current != victim:
             if victim in worker.queue and victim not in worker.revoking:
                 worker.revoking.add(victim)
-                self._send(worker, frame(REVOKE, victim))
+                worker.send(frame(REVOKE, victim))
             return
         previous = worker.state
-        worker.state = _KILLED
+        worker.state = KILLED
         worker.victim = victim
         if worker.pid is not None:
             processes.kill_group(worker.pid)
-        if previous is not _RETIRING:
+        if previous is not RETIRING:
             self._replace()
 
     def _replace(self) -> None:
@@ -673,16 +538,16 @@ class MultiprocessingServer(ServerBase):
             except OSError as exc:
                 self._start_failed(f"a worker process could not be started: {exc}")
 
-    def _on_exit(self, worker: _Worker, code: int | None) -> None:
+    def _on_exit(self, worker: WorkerHandle, code: int | None) -> None:
         """The worker process ended: settle every task it held, and replace it if it should be."""
-        if worker.state is _DEAD:
+        if worker.state is DEAD:
             return
-        while self._read(worker):  # all it wrote before it ended
+        while worker.read():  # all it wrote before it ended
             pass
         self._process(worker)
         previous = worker.state
-        worker.state = _DEAD
-        self._close_pipes(worker)
+        worker.state = DEAD
+        worker.close_pipes()
         if worker.popen is not None:
             worker.popen.returncode = code  # reaped by the watcher
         if worker.pid is not None:
@@ -692,26 +557,18 @@ class MultiprocessingServer(ServerBase):
         self._busy -= worker.cores
         worker.cores = 0
         how = processes.describe_exit(code)
-        settled: list[tuple[Task, int, BaseException]] = []
-        innocent: list[tuple[Task, int]] = []
-        for token, task in worker.queue.items():
+        settled, innocent = worker.sort_held_tasks(previous, how)
+        for token in worker.queue:
             del self._assigned[token]
-            if token == worker.victim or token in worker.revoking:
-                settled.append((task, token, TaskCancelled("its attempt was stopped")))
-            elif token == worker.current and previous is not _KILLED:
-                lost = WorkerLost(f"the worker process running {task!r} ({worker.name}) {how}")
-                settled.append((task, token, lost))
-            else:  # never started, or started by a worker killed for another task
-                innocent.append((task, token))
         worker.queue.clear()
         self._backlog.extendleft(reversed(innocent))
-        if previous is _STARTING:
+        if previous is STARTING:
             self._start_failed(
                 f"a worker process{f' (pid {worker.pid})' if worker.pid else ''} {how} before it "
                 "was ready; its error output, if any, is above (stderr). Check that "
                 f"`{sys.executable} -c 'import taskplex_mp.worker'` works here"
             )
-        elif previous is _READY and not self._stopping:
+        elif previous is READY and not self._stopping:
             logger.warning("worker %s %s; starting another", worker.name, how)
             self._replace()
         worker.exited.set_result(None)
@@ -728,7 +585,7 @@ class MultiprocessingServer(ServerBase):
             return
         self._start_failures += 1
         logger.error("%s (failure %d in a row)", message, self._start_failures)
-        if self._start_failures >= START_ATTEMPTS and not any(w.state is _READY for w in self._workers):
+        if self._start_failures >= START_ATTEMPTS and not any(w.state is READY for w in self._workers):
             self._broken = f"no worker process can be started: {message}"
             backlog, self._backlog = self._backlog, deque()
             for task, token in backlog:

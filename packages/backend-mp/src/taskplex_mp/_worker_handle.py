@@ -1,0 +1,199 @@
+"""The server's view of one worker process: its state, the tasks it holds, and its two pipes.
+
+A :class:`WorkerHandle` owns the server's ends of the worker's pipes and moves bytes through them
+without ever blocking the event loop: frames read from the worker wait in its ``inbox`` until the
+server handles them, and bytes the task pipe would not take yet wait in its ``outbox`` until the
+pipe is writable. Which frames to send and what the frames read mean is the server's business
+(:mod:`taskplex_mp.server`); when the worker dies, the handle sorts the tasks it held into those it
+failed and those it never touched, which go to other workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from typing import Any
+
+from taskplex import Task
+from taskplex.errors import TaskCancelled, WorkerLost
+from taskplex_mp import processes
+from taskplex_mp._frames import FrameReader
+
+__all__ = ["DEAD", "KILLED", "READY", "RETIRING", "STARTING", "WorkerHandle"]
+
+_READ_SIZE = 1 << 16
+_READS_PER_CALL = 16
+
+STARTING, READY, RETIRING, KILLED, DEAD = "starting", "ready", "retiring", "killed", "dead"
+
+
+class WorkerHandle:
+    """The server's view of one worker process."""
+
+    __slots__ = (
+        "budget",
+        "cores",
+        "current",
+        "exited",
+        "forkserver",
+        "inbox",
+        "loop",
+        "name",
+        "outbox",
+        "outbox_sent",
+        "pid",
+        "popen",
+        "queue",
+        "reader",
+        "result_fd",
+        "revoking",
+        "state",
+        "task_fd",
+        "victim",
+    )
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, task_fd: int, result_fd: int, budget: int | None
+    ) -> None:
+        self.loop = loop
+        """The server's event loop, which watches the pipes."""
+        self.task_fd = task_fd
+        """The server's end of the pipe to the worker (non-blocking; -1 once closed)."""
+        self.result_fd = result_fd
+        """The server's end of the pipe from the worker (non-blocking; -1 once closed)."""
+        self.state = STARTING
+        self.pid: int | None = None
+        self.name = "a starting worker"
+        self.popen: Any = None
+        self.forkserver: processes.ForkServer | None = None
+        """The fork server that forked it (start_method "forkserver")."""
+        self.reader = FrameReader()
+        self.inbox: deque[tuple[int, int, bytes]] = deque()
+        self.outbox = bytearray()
+        """Bytes the pipe would not take yet; the first ``outbox_sent`` of them are written."""
+        self.outbox_sent = 0
+        self.queue: dict[int, Task] = {}
+        """Tasks handed to this worker and not yet reported, by token, in the order sent."""
+        self.current: int | None = None
+        """The token the worker reported STARTED and has not finished."""
+        self.revoking: set[int] = set()
+        self.victim: int | None = None
+        """The token whose attempt this worker was killed to stop."""
+        self.cores = 0
+        """Worker slots this worker occupies while it has work (its task's cores), else 0."""
+        self.budget = budget
+        """Tasks it may still be given (max_tasks_per_child), or None."""
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def __repr__(self) -> str:
+        return f"<worker {self.name} {self.state} holding {len(self.queue)}>"
+
+    # ================================================================== reading
+
+    def read(self) -> bool:
+        """Move the complete frames the worker has written into its inbox, without blocking.
+
+        Reads at most _READS_PER_CALL times, so that one worker streaming a large result does not
+        hold up the others; returns True if there may be more to read.
+        """
+        for _ in range(_READS_PER_CALL):
+            if self.result_fd < 0:
+                return False
+            try:
+                data = os.read(self.result_fd, _READ_SIZE)
+            except BlockingIOError:
+                return False
+            except OSError:
+                data = b""
+            if not data:
+                # the worker is exiting; its exit is reported by its watcher
+                self.loop.remove_reader(self.result_fd)
+                os.close(self.result_fd)
+                self.result_fd = -1
+                return False
+            self.inbox.extend(self.reader.feed(data))
+            if len(data) < _READ_SIZE:
+                return False
+        return True
+
+    # ================================================================== writing
+
+    def send(self, data: bytes) -> None:
+        if self.task_fd < 0:
+            return
+        if self.outbox:
+            self.outbox += data
+            return
+        try:
+            written = os.write(self.task_fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return  # the worker is gone; its exit is reported by its watcher
+        if written < len(data):
+            self.outbox += data[written:]
+            self.loop.add_writer(self.task_fd, self._flush)
+
+    def _flush(self) -> None:
+        outbox = self.outbox
+        try:
+            with memoryview(outbox) as view:
+                written = os.write(self.task_fd, view[self.outbox_sent :])
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(outbox)  # the worker is gone; its exit is reported by its watcher
+        self.outbox_sent += written
+        if self.outbox_sent >= len(outbox):
+            outbox.clear()
+            self.outbox_sent = 0
+            self.loop.remove_writer(self.task_fd)
+            if self.state is RETIRING and not self.queue:
+                self.close_task_pipe(drop_outbox=False)
+
+    def close_task_pipe(self, *, drop_outbox: bool) -> None:
+        """End the worker's task pipe: it exits once it reads that (after any outbox bytes).
+
+        With bytes still in the outbox, the pipe stays open (they are sent first) unless
+        ``drop_outbox``, which the server sets when it is stopping.
+        """
+        if self.task_fd < 0 or (self.outbox and not drop_outbox):
+            return
+        self.loop.remove_writer(self.task_fd)
+        os.close(self.task_fd)
+        self.task_fd = -1
+        self.outbox.clear()
+        self.outbox_sent = 0
+
+    def close_pipes(self) -> None:
+        if self.task_fd >= 0:
+            self.loop.remove_writer(self.task_fd)
+            os.close(self.task_fd)
+            self.task_fd = -1
+        if self.result_fd >= 0:
+            self.loop.remove_reader(self.result_fd)
+            os.close(self.result_fd)
+            self.result_fd = -1
+
+    # ================================================================== after it died
+
+    def sort_held_tasks(
+        self, previous: str, how: str
+    ) -> tuple[list[tuple[Task, int, BaseException]], list[tuple[Task, int]]]:
+        """Split the tasks the dead worker held into those it ends, with their errors, and the rest.
+
+        ``previous`` is the state it was in before it died and ``how`` says how it ended
+        (:func:`taskplex_mp.processes.describe_exit`). The rest go back to the backlog.
+        """
+        settled: list[tuple[Task, int, BaseException]] = []
+        innocent: list[tuple[Task, int]] = []
+        for token, task in self.queue.items():
+            if token == self.victim or token in self.revoking:
+                settled.append((task, token, TaskCancelled("its attempt was stopped")))
+            elif token == self.current and previous is not KILLED:
+                lost = WorkerLost(f"the worker process running {task!r} ({self.name}) {how}")
+                settled.append((task, token, lost))
+            else:  # never started, or started by a worker killed for another task
+                innocent.append((task, token))
+        return settled, innocent
