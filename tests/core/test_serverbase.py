@@ -688,6 +688,35 @@ def test_starting_a_running_server_fails() -> None:
     serve(CallServer(), scenario)
 
 
+def test_a_server_whose_startup_fails_can_be_stopped_and_started_again() -> None:
+    class FlakyStart(CallServer):
+        failures = 1
+
+        async def startup(self) -> None:
+            if FlakyStart.failures:
+                FlakyStart.failures -= 1
+                raise OSError("no workers today")
+
+    server = FlakyStart()
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as task_group:
+            with pytest.raises(OSError, match="no workers today"):
+                await server.start(task_group)
+            assert not server.is_running()
+            with pytest.raises(ServerNotRunning):
+                await server.submit(Task(abs, (-1,)))
+            # a cleanup that stops the server must return, not wait for a start that never was
+            await asyncio.wait_for(server.stop(), BOUND)
+            await server.start(task_group)
+            results = ResultsQueue()
+            await server.submit(Task(abs, (-1,), results_queue=results))
+            assert (await asyncio.wait_for(results.get(), BOUND)).result == 1
+            await server.stop()
+
+    asyncio.run(main())
+
+
 def test_loop_and_task_group_are_those_the_server_runs_in() -> None:
     server = CallServer()
     assert server.loop is None

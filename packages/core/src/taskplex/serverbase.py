@@ -154,7 +154,13 @@ class ServerBase(Server):
         self._stopped = self._loop.create_future()
         plugins.load_plugins()
         self._snapshot_hooks()
-        await self.startup()
+        try:
+            await self.startup()
+        except BaseException:
+            # leave the server stopped, so that a cleanup's stop() returns instead of waiting
+            self._state = _STOPPED
+            self._stopped.set_result(None)
+            raise
         self._state = _RUNNING
         self._dispatcher = task_group.create_task(self._dispatch(), name=f"{self!r} dispatcher")
         # Let the dispatcher enter its try block: a task cancelled before its first step never
