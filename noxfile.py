@@ -24,7 +24,6 @@ def _relative(path: Path) -> str:
 
 CORE = "./packages/core"
 BACKENDS = [_relative(path) for path in sorted(ROOT.glob("packages/backend-*")) if path.is_dir()]
-PACKAGES = [CORE, *BACKENDS]
 EXAMPLE_BACKENDS = [
     _relative(path.parent) for path in sorted(ROOT.glob("examples/backend-*/pyproject.toml"))
 ]

@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from taskplex.conformance._tasks import record_run
+
 BOUND = 30.0
 
 
@@ -46,18 +48,6 @@ def mark(directory: str, name: str) -> str:
     """Count one run of ``name``; return the name."""
     record_run(Path(directory), name)
     return name
-
-
-def record_run(folder: Path, name: str) -> int:
-    """Count one more run of ``name`` with a file per run; return its number (from 1)."""
-    run = 1
-    while True:
-        try:
-            os.close(os.open(folder / f"{name}.run{run}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            run += 1
-        else:
-            return run
 
 
 def runs(directory: str, name: str) -> int:

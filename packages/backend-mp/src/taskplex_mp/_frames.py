@@ -23,6 +23,9 @@ import struct
 
 __all__ = ["FrameReader", "frame", "write_all"]
 
+READ_SIZE = 1 << 16
+"""Most bytes taken from a pipe in one read."""
+
 HEADER = struct.Struct("<IBQ")
 SIZE = struct.Struct("<I")
 SECONDS = struct.Struct("<d")

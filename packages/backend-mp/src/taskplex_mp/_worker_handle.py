@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections import deque
-from typing import Any
 
 from taskplex import Task
 from taskplex.errors import TaskCancelled, WorkerLost
 from taskplex_mp import processes
-from taskplex_mp._frames import FrameReader
+from taskplex_mp._frames import READ_SIZE, FrameReader
 
 __all__ = ["DEAD", "KILLED", "READY", "RETIRING", "STARTING", "WorkerHandle"]
 
-_READ_SIZE = 1 << 16
 _READS_PER_CALL = 16
 
 STARTING, READY, RETIRING, KILLED, DEAD = "starting", "ready", "retiring", "killed", "dead"
@@ -65,7 +64,8 @@ class WorkerHandle:
         self.state = STARTING
         self.pid: int | None = None
         self.name = "a starting worker"
-        self.popen: Any = None
+        self.popen: subprocess.Popen[bytes] | None = None
+        """Its Popen (start_method "spawn"); the server hands it the exit code its watcher reaped."""
         self.forkserver: processes.ForkServer | None = None
         """The fork server that forked it (start_method "forkserver")."""
         self.reader = FrameReader()
@@ -101,7 +101,7 @@ class WorkerHandle:
             if self.result_fd < 0:
                 return False
             try:
-                data = os.read(self.result_fd, _READ_SIZE)
+                data = os.read(self.result_fd, READ_SIZE)
             except BlockingIOError:
                 return False
             except OSError:
@@ -113,7 +113,7 @@ class WorkerHandle:
                 self.result_fd = -1
                 return False
             self.inbox.extend(self.reader.feed(data))
-            if len(data) < _READ_SIZE:
+            if len(data) < READ_SIZE:
                 return False
         return True
 

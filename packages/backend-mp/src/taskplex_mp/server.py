@@ -214,7 +214,7 @@ class MultiprocessingServer(ServerBase):
                 if sig is not None and worker.pid is not None:
                     processes.kill_group(worker.pid, sig)
             await asyncio.wait([worker.exited for worker in alive], timeout=STOP_GRACE)
-        for worker in self._workers:
+        for worker in self._workers:  # _on_exit removed every worker that did exit
             logger.error("%r did not exit after SIGKILL; giving up on it", worker)
             worker.close_pipes()
         forkserver = self._forkserver
@@ -312,9 +312,7 @@ class MultiprocessingServer(ServerBase):
             self.complete(task, token, error=WorkerLost(self._broken))
             return
         self._backlog.append((task, token))
-        if not self._hand_out_scheduled:
-            self._hand_out_scheduled = True
-            self._running_loop().call_soon(self._hand_out)
+        self._schedule_hand_out()
 
     def abort(self, task: Task, token: int) -> None:
         worker = self._assigned.get(token)

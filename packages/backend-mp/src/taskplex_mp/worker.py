@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from taskplex.errors import SerializationError
@@ -39,6 +40,7 @@ from taskplex_mp._frames import (
     ERROR,
     HELLO,
     LOG,
+    READ_SIZE,
     RESULT,
     REVOKE,
     SECONDS,
@@ -53,7 +55,6 @@ from taskplex_mp._frames import (
 
 __all__ = ["die_with_parent", "flush_output", "run", "run_forked", "spawned"]
 
-_READ_SIZE = 1 << 16
 _PR_SET_PDEATHSIG = 1
 
 
@@ -159,7 +160,7 @@ class _Worker:
             self._poller.poll()
         while True:
             try:
-                data = os.read(self.task_fd, _READ_SIZE)
+                data = os.read(self.task_fd, READ_SIZE)
             except BlockingIOError:
                 return
             if not data:
@@ -172,7 +173,7 @@ class _Worker:
                     self.revoke(token, out)
                 elif kind == CONFIG:
                     self.config = loads(payload)
-            if len(data) < _READ_SIZE:
+            if len(data) < READ_SIZE:
                 return
 
     def revoke(self, token: int, out: bytearray) -> None:
@@ -242,7 +243,7 @@ def flush_output() -> None:
 class _ForwardLogs(logging.Handler):
     """Sends every record to the server, which re-emits it through the caller's logging."""
 
-    def __init__(self, send: Any) -> None:
+    def __init__(self, send: Callable[[bytes], None]) -> None:
         super().__init__()
         self._send = send
 
