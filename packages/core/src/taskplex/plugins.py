@@ -58,13 +58,13 @@ pm.add_hookspecs(hookspecs)
 
 _BUILTIN_PLUGINS = ("taskplex.cli",)
 _load_lock = threading.Lock()
-_loaded: list[bool] = []  # non-empty once plugins were loaded in this process
+_loaded = threading.Event()
 
 
 def load_plugins() -> None:
     """Register built-in plugins and load installed ones; does its work once per process."""
     with _load_lock:
-        if _loaded:
+        if _loaded.is_set():
             return
         for name in _disabled():
             pm.set_blocked(name)
@@ -72,7 +72,7 @@ def load_plugins() -> None:
             if not pm.is_blocked(module_name) and pm.get_plugin(module_name) is None:
                 pm.register(_import(module_name), name=module_name)
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        _loaded.append(True)
+        _loaded.set()
 
 
 def _disabled() -> set[str]:
@@ -114,8 +114,8 @@ class BackendInfo:
 
 def backends() -> list[BackendInfo]:
     """Every installed backend, sorted by name."""
-    dists = importlib.metadata.packages_distributions()
-    # Editable installs record no package files; the distribution of the entry point still knows.
+    # The entry point names its distribution (also for editable installs, which record no package
+    # files); only a class registered by a plugin without an entry point needs the slower scan.
     plugin_dists = {
         entry_point.module.partition(".")[0]: entry_point.dist.name
         for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
@@ -124,10 +124,14 @@ def backends() -> list[BackendInfo]:
     infos = []
     for name, cls in sorted(_server_classes().items()):
         top = cls.__module__.partition(".")[0]
-        dist = plugin_dists.get(top) or next(iter(dists.get(top, ())), None)
+        dist = plugin_dists.get(top) or _distribution_of_package(top)
         version = importlib.metadata.version(dist) if dist else None
         infos.append(BackendInfo(name, cls, dist, version, _capabilities_of(cls)))
     return infos
+
+
+def _distribution_of_package(top: str) -> str | None:
+    return next(iter(importlib.metadata.packages_distributions().get(top, ())), None)
 
 
 def _capabilities_of(cls: type[Server]) -> Capabilities:
@@ -155,24 +159,15 @@ def get_server_class(name: str) -> type[Server]:
         ) from None
 
 
-def server_options(server_class: type[Server]) -> dict[str, inspect.Parameter]:
-    """The keyword options a server class accepts, from its ``__init__`` signature."""
-    params = inspect.signature(server_class).parameters
-    return {
-        name: p
-        for name, p in params.items()
-        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    }
+_NAMED = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def create_server(backend: str | type[Server], **options: Any) -> Server:
     """Create a server by backend name (or class); unknown options name the valid ones."""
     server_class = get_server_class(backend) if isinstance(backend, str) else backend
-    valid = server_options(server_class)
-    accepts_any = any(
-        p.kind is inspect.Parameter.VAR_KEYWORD
-        for p in inspect.signature(server_class).parameters.values()
-    )
+    params = inspect.signature(server_class).parameters.values()
+    valid = {p.name for p in params if p.kind in _NAMED}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     unknown = sorted(set(options) - set(valid))
     if unknown and not accepts_any:
         raise InvalidOption(
