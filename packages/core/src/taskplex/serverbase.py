@@ -495,11 +495,7 @@ class ServerBase(Server):
             if dep.status is TaskStatus.SUCCEEDED:
                 continue
             if dep.done():
-                self._finish(
-                    task,
-                    TaskStatus.CANCELLED,
-                    error=DependencyFailed(f"dependency {dep!r} ended {dep.status.value}"),
-                )
+                self._cancel_dependent(task, dep)
                 return
             self._dependents.setdefault(dep.id, []).append(task)
             return
@@ -645,13 +641,13 @@ class ServerBase(Server):
             if task.done():
                 continue
             if dep.status is not TaskStatus.SUCCEEDED:
-                self._finish(
-                    task,
-                    TaskStatus.CANCELLED,
-                    error=DependencyFailed(f"dependency {dep!r} ended {dep.status.value}"),
-                )
+                self._cancel_dependent(task, dep)
             else:
                 self._take(task)
+
+    def _cancel_dependent(self, task: Task, dep: Task) -> None:
+        error = DependencyFailed(f"dependency {dep!r} ended {dep.status.value}")
+        self._finish(task, TaskStatus.CANCELLED, error=error)
 
     # ================================================================== stopping
 
