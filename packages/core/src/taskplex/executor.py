@@ -108,7 +108,7 @@ class _FutureDelivery(ResultsQueue):
             pass  # the caller cancelled the future meanwhile
         # A future cancelled before it ran must still wake wait() and as_completed(); the
         # standard library does this in set_running_or_notify_cancel, for CANCELLED futures only.
-        if getattr(future, "_state", None) == "CANCELLED":
+        if future._state == "CANCELLED":
             future.set_running_or_notify_cancel()
 
 
