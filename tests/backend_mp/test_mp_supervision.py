@@ -76,12 +76,17 @@ def executor(request: pytest.FixtureRequest) -> Iterator[taskplex.Executor]:
         yield executor
 
 
+def handed_over(task: Task) -> bool:
+    """Whether the server handed ``task`` to the backend."""
+    return task.launched_at is not None
+
+
 def warm_up(executor: taskplex.Executor) -> None:
     """Run short tasks until the server hands workers several tasks at once."""
     for _ in range(50):
         for future in [executor.submit(mp_tasks.pid) for _ in range(200)]:
             future.result(timeout=BOUND)
-        if executor.server.in_flight_limit() > executor.server.workers:
+        if executor.server.launch_limit > executor.server.workers:
             return
     pytest.fail("the server never pipelined short tasks")
 
@@ -138,9 +143,9 @@ def test_pipelined_tasks_of_a_killed_worker_run_once_elsewhere(markers: Markers)
         held = [Task(mp_tasks.mark, markers.args(f"held{i}")) for i in range(5)]
         futures = [executor.submit_task(task) for task in held]
         wait_for(
-            lambda: all(task.status is TaskStatus.RUNNING for task in held),
-            "the held tasks to be handed to the worker",
+            lambda: all(handed_over(task) for task in held), "the held tasks to be handed to the worker"
         )
+        assert all(task.status is TaskStatus.QUEUED for task in held), "handed over is not running"
         os.kill(markers.pid("blocker"), signal.SIGKILL)
         assert isinstance(blocker.exception(timeout=BOUND), WorkerLost)
         assert [future.result(timeout=BOUND) for future in futures] == [f"held{i}" for i in range(5)]
@@ -191,13 +196,14 @@ def test_pipelined_task_that_is_cancelled_never_runs(markers: Markers) -> None:
         doomed = Task(mp_tasks.mark, markers.args("doomed"))
         doomed_future = executor.submit_task(doomed)
         after = executor.submit(mp_tasks.mark, *markers.args("after"))
-        wait_for(lambda: doomed.status is TaskStatus.RUNNING, "the task to be handed to the worker")
+        wait_for(lambda: handed_over(doomed), "the task to be handed to the worker")
+        assert not doomed_future.running(), "a task held by a worker has not started"
         assert markers.pid("blocker") == worker
         assert doomed.cancel()
         markers.release("blocker")
         assert blocker.result(timeout=BOUND) == worker
         assert after.result(timeout=BOUND) == "after"
-        assert isinstance(doomed_future.exception(timeout=BOUND), TaskCancelled)
+        wait_for(doomed_future.cancelled, "the future of the withdrawn task to be cancelled")
         assert executor.submit(mp_tasks.pid).result(timeout=BOUND) == worker, (
             "revoking a task that had not started should not have cost the worker its life"
         )

@@ -273,7 +273,8 @@ def test_an_unknown_backend_is_one_line_that_lists_the_installed_ones(workdir: P
     line = single_error_line(result)
     assert line.startswith("taskplex map: error: no taskplex backend named 'nosuchbackend'")
     assert re.search(r"installed: [^)]*\basync\b", line)
-    assert "pip install taskplex-backend-nosuchbackend" in line
+    assert "taskplex-backend-nosuchbackend" not in line, "never a guessed package name"
+    assert "hpc (taskplex-backend-hpc)" in line
 
 
 def test_a_missing_default_backend_is_a_clean_error_and_no_output_file_is_made(

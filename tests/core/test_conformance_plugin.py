@@ -16,16 +16,19 @@ FORKED_BACKEND = (Path(__file__).parent / "forked_backend.py").read_text()
 
 # Broken on purpose, each in one way a backend author could get wrong; the suite must notice.
 BROKEN_BACKENDS = """
+import asyncio
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from forked_backend import ForkedServer
-from taskplex import Capabilities
+from forked_backend import ForkedBackend, HeldBackend, _fork
+from taskplex import Capabilities, TaskCancelled, TaskServer
 from taskplex.conformance import BackendSuite
-from taskplex_async import AsyncServer
+from taskplex_async import AsyncBackend
+from taskplex_mp import MultiprocessingServer
+from taskplex_mp._worker_handle import WorkerHandle
 
 LEAKED = []
 
@@ -38,84 +41,188 @@ def _kill_leaked_processes():
         process.wait()
 
 
-class SwallowsErrors(AsyncServer):
-    async def execute(self, task):
+def server_of(backend_class):
+    class Server(TaskServer):
+        def __init__(self, *, workers=1, queue_size=0):
+            super().__init__(backend_class(), workers=workers, queue_size=queue_size)
+
+    Server.backend_class = backend_class
+    Server.__name__ = backend_class.__name__
+    return Server
+
+
+class SwallowsErrors(AsyncBackend):
+    async def execute(self, attempt):
         try:
-            return await super().execute(task)
+            return await super().execute(attempt)
         except Exception:
             return None
 
 
-class DeliversItself(AsyncServer):
-    async def execute(self, task):
-        result = await super().execute(task)
-        task.results_queue.put(task)
+class DeliversItself(AsyncBackend):
+    async def execute(self, attempt):
+        result = await super().execute(attempt)
+        attempt.task.results_queue.put(attempt.task)
         return result
 
 
-class RunsOneAtATime(AsyncServer):
-    def slots_for(self, task):
+class RunsOneAtATime(AsyncBackend):
+    async def start(self, context):
+        await super().start(context)
+        self.workers = context.workers
+
+    def slots(self, task):
         return self.workers
 
 
-class IgnoresWorkers(AsyncServer):
-    async def startup(self):
-        self._threads = ThreadPoolExecutor(4 * self.workers)
-
-    def slots_for(self, task):
+class IgnoresWorkers(AsyncBackend):
+    def slots(self, task):
         return 0
 
 
-class LeaksThreads(AsyncServer):
+class LeaksThreads(AsyncBackend):
     forgotten = []
 
-    async def shutdown(self):
+    async def stop(self):
         self.forgotten.append(self._threads)
 
 
-class LeaksProcess(ForkedServer):
-    async def startup(self):
+class LeaksProcess(ForkedBackend):
+    async def start(self, context):
         LEAKED.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
 
 
-class ClaimsCancelRunning(AsyncServer):
+class ClaimsCancelRunning(AsyncBackend):
     capabilities = Capabilities(cancel_running=True)
 
 
-class ClaimsTimeoutKillsWork(AsyncServer):
+class ClaimsTimeoutKillsWork(AsyncBackend):
     capabilities = Capabilities(timeout_kills_work=True)
 
 
+def _exits_on_base_exceptions(payload, results):
+    import cloudpickle
+
+    function, args, kwargs = cloudpickle.loads(payload)
+    try:
+        message = (True, function(*args, **kwargs))
+    except Exception as exc:  # wrong: a BaseException of the task ends the whole process
+        from taskplex.errors import capture_exception
+
+        message = (False, capture_exception(exc))
+    results.send(message)
+
+
+class DiesOnBaseExceptions(ForkedBackend):
+    async def execute(self, attempt):
+        import forked_backend
+
+        forked_backend._run_in_child = _exits_on_base_exceptions
+        return await super().execute(attempt)
+
+
+class WithdrawsNothing(HeldBackend):
+    def run(self, attempt):
+        attempt.started()  # and runs it even if it was withdrawn
+        task = attempt.task
+        try:
+            attempt.succeeded(task.function(*task.args, **task.kwargs))
+        except BaseException as exc:
+            attempt.failed(exc)
+
+
+class ReportsAbortedOverAtOnce(AsyncBackend):
+    def abort(self, attempt):
+        attempt.failed(TaskCancelled("reported over, but its thread runs on"))
+        super().abort(attempt)
+
+
+class IgnoresCores(AsyncBackend):
+    capabilities = Capabilities(resources=frozenset({"cores"}))
+
+    def slots(self, task):
+        return 1
+
+
+class HangsOnStop(AsyncBackend):
+    async def stop(self):
+        await asyncio.Event().wait()
+
+
+_sort_held_tasks = WorkerHandle.sort_held_tasks
+
+
+def _forget_unstarted(self, previous, how):
+    settled, _ = _sort_held_tasks(self, previous, how)
+    return settled, []  # wrong: what the dead worker held but never started is lost
+
+
+class ForgetsHeldTasks(MultiprocessingServer):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _forgetful_workers(request):
+    if request.cls is TestForgetsHeldTasks:
+        WorkerHandle.sort_held_tasks = _forget_unstarted
+    yield
+    WorkerHandle.sort_held_tasks = _sort_held_tasks
+
+
 class TestSwallowsErrors(BackendSuite):
-    backend = SwallowsErrors
+    backend = server_of(SwallowsErrors)
 
 
 class TestDeliversItself(BackendSuite):
-    backend = DeliversItself
+    backend = server_of(DeliversItself)
 
 
 class TestRunsOneAtATime(BackendSuite):
-    backend = RunsOneAtATime
+    backend = server_of(RunsOneAtATime)
 
 
 class TestIgnoresWorkers(BackendSuite):
-    backend = IgnoresWorkers
+    backend = server_of(IgnoresWorkers)
 
 
 class TestLeaksThreads(BackendSuite):
-    backend = LeaksThreads
+    backend = server_of(LeaksThreads)
 
 
 class TestLeaksProcess(BackendSuite):
-    backend = LeaksProcess
+    backend = server_of(LeaksProcess)
 
 
 class TestClaimsCancelRunning(BackendSuite):
-    backend = ClaimsCancelRunning
+    backend = server_of(ClaimsCancelRunning)
 
 
 class TestClaimsTimeoutKillsWork(BackendSuite):
-    backend = ClaimsTimeoutKillsWork
+    backend = server_of(ClaimsTimeoutKillsWork)
+
+
+class TestDiesOnBaseExceptions(BackendSuite):
+    backend = server_of(DiesOnBaseExceptions)
+
+
+class TestWithdrawsNothing(BackendSuite):
+    backend = server_of(WithdrawsNothing)
+
+
+class TestReportsAbortedOverAtOnce(BackendSuite):
+    backend = server_of(ReportsAbortedOverAtOnce)
+
+
+class TestIgnoresCores(BackendSuite):
+    backend = server_of(IgnoresCores)
+
+
+class TestHangsOnStop(BackendSuite):
+    backend = server_of(HangsOnStop)
+
+
+class TestForgetsHeldTasks(BackendSuite):
+    backend = ForgetsHeldTasks
 """
 
 # (test class, suite test it must fail, text the failure must contain)
@@ -128,6 +235,24 @@ EXPECTED_FAILURES = [
     ("TestLeaksProcess", "test_stop_cancels_queued_and_running_tasks", "time.sleep(60)"),
     ("TestClaimsCancelRunning", "test_cancel_running_task_stops_its_work", "reached 'done'"),
     ("TestClaimsTimeoutKillsWork", "test_timeout_kills_the_work", "reached 'done'"),
+    (
+        "TestDiesOnBaseExceptions",
+        "test_base_exceptions_fail_only_their_task[SystemExit]",
+        "must fail with its own type",
+    ),
+    ("TestWithdrawsNothing", "test_cancelled_launched_task_never_starts", "reached 'started'"),
+    (
+        "TestReportsAbortedOverAtOnce",
+        "test_peak_concurrency_holds_after_timeouts_and_cancels[timed_out]",
+        "tasks ran at once with workers=2, after timeouts",
+    ),
+    ("TestIgnoresCores", "test_a_multi_core_task_takes_its_cores_in_slots", "cores in use at once"),
+    ("TestHangsOnStop", "test_stop_cancels_queued_and_running_tasks", "did not finish within"),
+    (
+        "TestForgetsHeldTasks",
+        "test_tasks_held_by_a_killed_worker_are_delivered_once",
+        "expected task(s) were delivered",
+    ),
 ]
 
 
@@ -138,7 +263,12 @@ def short_bound(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _selection(pairs: list[tuple[str, str]]) -> str:
-    return " or ".join(f"({cls} and {test})" for cls, test in pairs)
+    """A -k expression for (class, test) pairs; a test may name its parameter: ``test[param]``."""
+    terms = []
+    for cls, test in pairs:
+        name, _, param = test.partition("[")
+        terms.append(" and ".join(filter(None, [cls, name, param.rstrip("]")])))
+    return " or ".join(f"({term})" for term in terms)
 
 
 @pytest.mark.usefixtures("short_bound")
@@ -156,22 +286,16 @@ def test_suite_fails_broken_backends(pytester: pytest.Pytester) -> None:
     assert "passed" not in outcomes
     report = result.stdout.str()
     for cls, test, evidence in EXPECTED_FAILURES:
-        section = re.search(rf"_+ {cls}\.{test} _+\n(.*?)(?=\n_{{5,}} |\n=+ )", report, re.S)
+        section = re.search(rf"_+ {cls}\.{re.escape(test)} _+\n(.*?)(?=\n_{{5,}} |\n=+ )", report, re.S)
         assert section is not None, f"no failure report for {cls}.{test}:\n{report}"
         assert evidence in section.group(1), f"{cls}.{test} failed for another reason:\n{section[1]}"
 
 
 # Correct backends that exercise what neither shipped in-process backend has: killing work and
-# workers (ForkedServer), and launching tasks ahead of a free worker (in_flight_limit > workers).
+# workers (ForkedServer), and launching tasks ahead of a free worker (HeldServer).
 CORRECT_BACKENDS = """
-from forked_backend import ForkedServer
+from forked_backend import ForkedServer, HeldServer
 from taskplex.conformance import BackendSuite
-from taskplex_async import AsyncServer
-
-
-class Pipelined(AsyncServer):
-    def in_flight_limit(self):
-        return 2 * self.workers
 
 
 class TestForked(BackendSuite):
@@ -179,7 +303,7 @@ class TestForked(BackendSuite):
 
 
 class TestPipelined(BackendSuite):
-    backend = Pipelined
+    backend = HeldServer
 """
 
 
@@ -202,7 +326,7 @@ def test_suite_passes_correct_backends_with_other_capabilities(pytester: pytest.
     result.stdout.re_match_lines(
         [
             r".*SKIPPED \[1\].*'ForkedServer' declares cancel_running.*",
-            r".*SKIPPED \[1\].*'Pipelined' does not declare cancel_running.*",
+            r".*SKIPPED \[1\].*'HeldServer' does not declare cancel_running.*",
         ],
         consecutive=False,
     )
@@ -247,15 +371,16 @@ def test_a_suite_class_must_name_its_backend(pytester: pytest.Pytester) -> None:
 UNAVAILABLE = """
 from taskplex import BackendUnavailable
 from taskplex.conformance import ResultsTests
+from taskplex.conformance.provider import TestProvider
 from taskplex_async import AsyncServer
 
-class NeedsACluster(AsyncServer):
-    @classmethod
-    def conformance_options(cls, tmp_path):
+class NoCluster(TestProvider):
+    def options(self, workdir):
         raise BackendUnavailable("no scheduler reachable from this machine")
 
 class TestNeedsACluster(ResultsTests):
-    backend = NeedsACluster
+    backend = AsyncServer
+    provider = NoCluster()
 """
 
 

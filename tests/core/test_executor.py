@@ -18,12 +18,13 @@ from taskplex import (
     Executor,
     InvalidOption,
     ResourceUnavailable,
-    ServerBase,
     Task,
     TaskFuture,
+    TaskServer,
     TaskTimeout,
     UnknownBackend,
 )
+from taskplex.backend import Attempt, BackendContext, CoroutineBackend
 from taskplex_async import AsyncServer
 
 BOUND = 30.0
@@ -266,13 +267,24 @@ def test_bounded_queue_makes_submit_block_until_there_is_room() -> None:
 # ------------------------------------------------------------------------------ errors at submit
 
 
-def test_unknown_backend_lists_the_installed_ones_and_the_package_to_install() -> None:
+def test_unknown_backend_lists_the_installed_ones_and_what_is_published() -> None:
     with pytest.raises(UnknownBackend) as info:
         Executor("slurmish")
     message = str(info.value)
     assert "'slurmish'" in message
-    assert "async" in message
-    assert "pip install taskplex-backend-slurmish" in message
+    assert "installed: async" in message
+    assert "hpc (taskplex-backend-hpc)" in message, "points to the backends this project publishes"
+    assert "taskplex-backend-slurmish" not in message, "never a guessed package name"
+
+
+def test_misspelt_backend_gets_a_did_you_mean() -> None:
+    with pytest.raises(UnknownBackend, match="Did you mean 'mp'"):
+        Executor("mpp")
+
+
+def test_published_backend_that_is_not_installed_names_its_distribution() -> None:
+    with pytest.raises(UnknownBackend, match=r"`pip install taskplex-backend-zmq`"):
+        Executor("zmq")
 
 
 def test_unknown_option_names_the_valid_ones() -> None:
@@ -323,17 +335,20 @@ def test_a_server_object_or_class_may_be_given() -> None:
         assert executor.submit(square, 5).result(timeout=BOUND) == 25
 
 
-class RefusingServer(ServerBase):
+class RefusingBackend(CoroutineBackend):
     """A backend whose workers cannot be brought up."""
 
-    async def startup(self) -> None:
+    async def start(self, context: BackendContext) -> None:
         raise taskplex.BackendUnavailable("no scheduler reachable from this machine")
+
+    async def execute(self, attempt: Attempt) -> None:
+        raise AssertionError("never started")
 
 
 def test_a_server_that_cannot_start_fails_the_constructor() -> None:
     before = set(threading.enumerate())
     with pytest.raises(taskplex.BackendUnavailable, match="no scheduler reachable"):
-        Executor(RefusingServer)
+        Executor(TaskServer(RefusingBackend()))
     assert set(threading.enumerate()) == before
 
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 import taskplex
-from taskplex import Capabilities, ServerBase, Task, UnknownBackend
+from taskplex import Capabilities, Server, TaskServer, UnknownBackend
+from taskplex.backend import Attempt, CoroutineBackend
 from taskplex.plugins import ENTRY_POINT_GROUP, create_server, pm
 from taskplex_async import AsyncServer
 
@@ -42,7 +43,7 @@ def test_async_backend_is_discovered_with_its_distribution_and_capabilities() ->
     assert info.server_class is AsyncServer
     assert info.distribution == "taskplex-backend-async"
     assert info.version == "0.1.0"
-    assert info.capabilities == AsyncServer.capabilities
+    assert info.capabilities == AsyncServer.backend_class.capabilities
     assert info.capabilities.runs_coroutines
 
 
@@ -76,22 +77,29 @@ def test_unknown_backend_error_mentions_disabled_plugins() -> None:
     assert "TASKPLEX_DISABLE_PLUGINS='async'" in result.stdout
 
 
-class EchoServer(ServerBase):
+class EchoBackend(CoroutineBackend):
     """A backend that returns its task's first argument without calling the function."""
 
     capabilities = Capabilities(resources=frozenset({"memory"}))
 
-    def __init__(self, *, workers: int = 1, queue_size: int = 0, prefix: str = "") -> None:
-        super().__init__(workers=workers, queue_size=queue_size)
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
         self.prefix = prefix
 
-    async def execute(self, task: Task) -> Any:
-        return f"{self.prefix}{task.args[0]}"
+    async def execute(self, attempt: Attempt) -> Any:
+        return f"{self.prefix}{attempt.task.args[0]}"
+
+
+class EchoServer(TaskServer):
+    backend_class = EchoBackend
+
+    def __init__(self, *, workers: int = 1, queue_size: int = 0, prefix: str = "") -> None:
+        super().__init__(EchoBackend(prefix), workers=workers, queue_size=queue_size)
 
 
 class EchoPlugin:
     @taskplex.hookimpl
-    def taskplex_register_servers(self, register: Callable[[str, type[ServerBase]], None]) -> None:
+    def taskplex_register_servers(self, register: Callable[[str, type[Server]], None]) -> None:
         register("echo", EchoServer)
 
 
@@ -101,7 +109,7 @@ class OtherEchoServer(EchoServer):
 
 class ConflictingEchoPlugin:
     @taskplex.hookimpl
-    def taskplex_register_servers(self, register: Callable[[str, type[ServerBase]], None]) -> None:
+    def taskplex_register_servers(self, register: Callable[[str, type[Server]], None]) -> None:
         register("echo", OtherEchoServer)
 
 

@@ -33,7 +33,7 @@ def test_kwargs_are_copied() -> None:
 
 
 def test_non_callable_is_rejected_with_its_type() -> None:
-    with pytest.raises(InvalidOption, match=r"needs a callable, got int 42"):
+    with pytest.raises(InvalidOption, match=r"needs a callable as its function, got int 42"):
         Task(42)  # type: ignore[arg-type]
 
 

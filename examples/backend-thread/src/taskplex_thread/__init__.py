@@ -1,5 +1,5 @@
 """An example third-party taskplex backend: ``taskplex.Executor("thread", workers=4)``."""
 
-from taskplex_thread.server import ThreadServer
+from taskplex_thread.server import ThreadBackend, ThreadServer
 
-__all__ = ["ThreadServer"]
+__all__ = ["ThreadBackend", "ThreadServer"]

@@ -1,5 +1,5 @@
 """The asyncio backend of taskplex: ``taskplex.Executor("async", workers=4)``."""
 
-from taskplex_async.server import AsyncServer
+from taskplex_async.server import AsyncBackend, AsyncServer
 
-__all__ = ["AsyncServer"]
+__all__ = ["AsyncBackend", "AsyncServer"]

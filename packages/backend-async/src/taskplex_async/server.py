@@ -2,17 +2,20 @@
 
 Data flow::
 
-    ServerBase ── launch ──► execute(task)
+    TaskServer ── launch ──► one asyncio task per attempt: attempt.started(), then execute()
                                │ coroutine function ─► awaited on the loop (cancel/timeout stop it)
                                │ plain function     ─► one of `workers` threads of this server's pool
                                ▼                       (cannot be interrupted: runs to its end)
-                          result / exception ─► ServerBase.complete ─► results queue
+                          attempt.succeeded / attempt.failed ─► the server delivers it
 
-Plain functions run in a pool owned by the server, sized to ``workers``, rather than in asyncio's
-shared default pool, whose own size would silently cap concurrency. A thread cannot be stopped from
-outside, so ``cancel_running`` and ``timeout_kills_work`` are not declared: a running function that is
-cancelled runs to its end, and one that times out is reported FAILED at once while its thread keeps its
-slot until the function returns (its late result is discarded). Coroutines are really cancelled.
+Plain functions run in a pool owned by the backend rather than in asyncio's shared default pool,
+whose own size would silently cap concurrency. The server never starts more than ``workers`` of them
+at once; the pool may grow beyond that only while tasks wait for other tasks (a task blocked in
+``future.result()`` lends its slot, so that waiting inside a task never deadlocks). A thread cannot
+be stopped from outside, so ``cancel_running`` and ``timeout_kills_work`` are not declared: a
+running function that is cancelled runs to its end, and one that times out is reported FAILED at
+once while its thread keeps its slot until the function returns (its late result is discarded).
+Coroutines are really cancelled.
 """
 
 from __future__ import annotations
@@ -24,24 +27,32 @@ import inspect
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from taskplex import Capabilities, ServerBase, Task
+from taskplex import Capabilities, Task, TaskServer
+from taskplex.backend import Attempt, BackendContext, CoroutineBackend
 
-__all__ = ["AsyncServer"]
+__all__ = ["AsyncBackend", "AsyncServer"]
+
+LENDING_HEADROOM = 1024
+"""Threads beyond ``workers``, started only for tasks that wait for other tasks of this server."""
 
 
-class AsyncServer(ServerBase):
+class AsyncBackend(CoroutineBackend):
     """Run tasks in the caller's process: coroutines on the loop, functions in a thread pool."""
 
     capabilities = Capabilities(runs_coroutines=True, forwards_logs=True)
 
-    def __init__(self, *, workers: int = 1, queue_size: int = 0) -> None:
-        super().__init__(workers=workers, queue_size=queue_size)
+    def __init__(self) -> None:
+        super().__init__()
         self._threads: ThreadPoolExecutor | None = None
 
-    async def startup(self) -> None:
-        self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="taskplex-async")
+    async def start(self, context: BackendContext) -> None:
+        # The server starts at most `workers` attempts at once; more threads than that are only
+        # ever busy while tasks wait for other tasks (their slots are lent meanwhile).
+        self._threads = ThreadPoolExecutor(
+            context.workers + LENDING_HEADROOM, thread_name_prefix="taskplex-async"
+        )
 
-    async def shutdown(self) -> None:
+    async def stop(self) -> None:
         threads, self._threads = self._threads, None
         if threads is not None:
             # Every attempt has been reported over, so no thread is busy: this returns promptly.
@@ -50,11 +61,13 @@ class AsyncServer(ServerBase):
     def can_cancel_running(self, task: Task) -> bool:
         return super().can_cancel_running(task) or _is_coroutine_function(task.function)
 
-    async def execute(self, task: Task) -> Any:
+    async def execute(self, attempt: Attempt) -> Any:
+        task = attempt.task
         function = task.function
         if _is_coroutine_function(function):
             return await function(*task.args, **task.kwargs)
         assert self._threads is not None
+        # the function sees this context: the caller's context variables and the current attempt
         call = functools.partial(contextvars.copy_context().run, function, *task.args, **task.kwargs)
         running = asyncio.get_running_loop().run_in_executor(self._threads, call)
         try:
@@ -63,6 +76,15 @@ class AsyncServer(ServerBase):
             # The thread cannot be interrupted: hold the slot until it really ends.
             await _wait_uncancellable(running)
             raise
+
+
+class AsyncServer(TaskServer):
+    """A server running coroutines on its event loop and functions in ``workers`` threads."""
+
+    backend_class = AsyncBackend
+
+    def __init__(self, *, workers: int = 1, queue_size: int = 0) -> None:
+        super().__init__(AsyncBackend(), workers=workers, queue_size=queue_size)
 
 
 def _is_coroutine_function(function: Any) -> bool:

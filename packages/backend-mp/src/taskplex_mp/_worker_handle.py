@@ -15,7 +15,7 @@ import os
 import subprocess
 from collections import deque
 
-from taskplex import Task
+from taskplex.backend import Attempt
 from taskplex.errors import TaskCancelled, WorkerLost
 from taskplex_mp import processes
 from taskplex_mp._frames import READ_SIZE, FrameReader
@@ -73,8 +73,8 @@ class WorkerHandle:
         self.outbox = bytearray()
         """Bytes the pipe would not take yet; the first ``outbox_sent`` of them are written."""
         self.outbox_sent = 0
-        self.queue: dict[int, Task] = {}
-        """Tasks handed to this worker and not yet reported, by token, in the order sent."""
+        self.queue: dict[int, Attempt] = {}
+        """Attempts handed to this worker and not yet reported, by id, in the order sent."""
         self.current: int | None = None
         """The token the worker reported STARTED and has not finished."""
         self.revoking: set[int] = set()
@@ -180,20 +180,22 @@ class WorkerHandle:
 
     def sort_held_tasks(
         self, previous: str, how: str
-    ) -> tuple[list[tuple[Task, int, BaseException]], list[tuple[Task, int]]]:
-        """Split the tasks the dead worker held into those it ends, with their errors, and the rest.
+    ) -> tuple[list[tuple[Attempt, BaseException]], list[Attempt]]:
+        """Split the attempts the dead worker held into those it ends, with their errors, and the rest.
 
         ``previous`` is the state it was in before it died and ``how`` says how it ended
-        (:func:`taskplex_mp.processes.describe_exit`). The rest go back to the backlog.
+        (:func:`taskplex_mp.processes.describe_exit`). The rest never started: they are given back.
         """
-        settled: list[tuple[Task, int, BaseException]] = []
-        innocent: list[tuple[Task, int]] = []
-        for token, task in self.queue.items():
+        settled: list[tuple[Attempt, BaseException]] = []
+        innocent: list[Attempt] = []
+        for token, attempt in self.queue.items():
             if token == self.victim or token in self.revoking:
-                settled.append((task, token, TaskCancelled("its attempt was stopped")))
-            elif token == self.current and previous is not KILLED:
-                lost = WorkerLost(f"the worker process running {task!r} ({self.name}) {how}")
-                settled.append((task, token, lost))
-            else:  # never started, or started by a worker killed for another task
-                innocent.append((task, token))
+                settled.append((attempt, TaskCancelled("its attempt was stopped")))
+            elif token == self.current:
+                if previous is KILLED:  # it began just as its worker was killed for another task
+                    how = f"was killed to stop another task just as {attempt.task!r} began"
+                lost = WorkerLost(f"the worker process running {attempt.task!r} ({self.name}) {how}")
+                settled.append((attempt, lost))
+            else:  # never started
+                innocent.append(attempt)
         return settled, innocent

@@ -3,13 +3,13 @@
 Data flow, all on the server's event loop except the first line::
 
     submit (caller's thread) ── prepare(): the call is pickled, or SerializationError names why not
-    ServerBase ── launch(task, token) ──► backlog ──► _hand_out(): to the least loaded worker
+    TaskServer ── launch([attempt, ...]) ──► backlog ──► _hand_out(): to the least loaded worker
                                                         │ TASK frames, one write per worker
                                                         ▼
                         worker process (one task at a time): STARTED, then RESULT or ERROR
                                                         │ one pipe per worker, read when readable
                                                         ▼
-    complete(task, token, result | error) ◄── _process ─── STARTED: attempt_started (timeout clock)
+    attempt.succeeded / failed ◄── _process ── STARTED: attempt.started() (the timeout clock)
 
 Each worker's pipes, state and held tasks are a :class:`~taskplex_mp._worker_handle.WorkerHandle`,
 which reads and writes the frames without blocking; this module decides what they mean.
@@ -21,9 +21,10 @@ tasks execute at once; a held task that is cancelled is revoked and never runs, 
 counts from the moment it really starts.
 
 **Stopping work.** Cancelling or timing out a running task kills its worker's process group
-(SIGKILL) and starts a replacement; tasks that worker held but had not started go to other workers,
-not counted as attempts. A worker that dies by itself fails the task it was running with WorkerLost,
-saying how it ended, and that task is retried if its ``retries`` allow.
+(SIGKILL) and starts a replacement; tasks that worker held but had not started are given back to
+the server (they run elsewhere, not counted as attempts). A worker that dies by itself fails the
+task it was running with WorkerLost, saying how it ended, and that task is retried if its
+``retries`` allow.
 
 **Cores.** A task asking for ``resources={"cores": k}`` runs in one worker while ``k - 1`` other
 workers stay idle, so it may use ``k`` cores itself; tasks start in submission order, so it waits
@@ -41,21 +42,21 @@ import pickle
 import signal
 import sys
 from collections import deque
-from pathlib import Path
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
-from taskplex import Capabilities, ServerBase, Task
+from taskplex import Capabilities, Task, TaskServer
+from taskplex.backend import Attempt, Backend, BackendContext
 from taskplex.errors import (
     BackendUnavailable,
     InvalidOption,
     ResultUnreadable,
-    TaskCancelled,
     WorkerLost,
     restore_exception,
 )
 from taskplex.remote_logging import emit_record, logger_levels, unpack_record
+from taskplex.scheduler import check_int
 from taskplex.serialization import dumps_call, loads
-from taskplex.serverbase import check_int
 from taskplex_mp import processes
 from taskplex_mp._frames import (
     CONFIG,
@@ -80,7 +81,7 @@ from taskplex_mp._worker_handle import (
     WorkerHandle,
 )
 
-__all__ = ["DEFAULT_START_METHOD", "MultiprocessingServer"]
+__all__ = ["DEFAULT_START_METHOD", "MultiprocessingBackend", "MultiprocessingServer", "default_workers"]
 
 logger = logging.getLogger("taskplex.mp")
 
@@ -108,21 +109,21 @@ def _check_platform() -> None:
         )
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
+    """One worker per CPU this process may use."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
 
-class MultiprocessingServer(ServerBase):
+class MultiprocessingBackend(Backend):
     """Run tasks in supervised worker processes on this machine; see the module docstring.
 
-    Options: ``workers`` (processes; default one per CPU this process may use), ``queue_size``,
-    ``max_tasks_per_child`` (replace a worker after that many tasks; None: never) and
+    Options: ``max_tasks_per_child`` (replace a worker after that many tasks; None: never) and
     ``start_method`` (``"forkserver"``, ``"spawn"`` or ``"fork"``; see :mod:`taskplex_mp.processes`).
     """
 
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         cancel_running=True,
         timeout_kills_work=True,
         survives_worker_death=True,
@@ -131,20 +132,11 @@ class MultiprocessingServer(ServerBase):
         forwards_logs=True,
         resources=frozenset({"cores"}),
     )
-    reports_attempt_start: ClassVar[bool] = True
 
     def __init__(
-        self,
-        *,
-        workers: int | None = None,
-        queue_size: int = 0,
-        max_tasks_per_child: int | None = None,
-        start_method: str = DEFAULT_START_METHOD,
+        self, *, max_tasks_per_child: int | None = None, start_method: str = DEFAULT_START_METHOD
     ) -> None:
         _check_platform()
-        super().__init__(
-            workers=_default_workers() if workers is None else workers, queue_size=queue_size
-        )
         if max_tasks_per_child is not None:
             check_int("max_tasks_per_child", max_tasks_per_child, 1)
         if start_method not in processes.START_METHODS:
@@ -154,13 +146,15 @@ class MultiprocessingServer(ServerBase):
             )
         self.max_tasks_per_child = max_tasks_per_child
         self.start_method = start_method
+        self._context: BackendContext | None = None
+        self.workers = 1
         self._depth = 1
         self._seconds: float | None = None
         self._reset(stopping=True)
 
     def _reset(self, *, stopping: bool) -> None:
         self._workers: list[WorkerHandle] = []
-        self._backlog: deque[tuple[Task, int]] = deque()
+        self._backlog: deque[Attempt] = deque()
         self._assigned: dict[int, WorkerHandle] = {}
         self._by_pid: dict[int, WorkerHandle] = {}
         self._by_request: dict[int, WorkerHandle] = {}
@@ -173,14 +167,12 @@ class MultiprocessingServer(ServerBase):
         self._config: dict[str, Any] = {}
         self._all_ready: asyncio.Future[None] | None = None
 
-    @classmethod
-    def conformance_options(cls, tmp_path: Path) -> dict[str, Any]:
-        _check_platform()
-        return {"start_method": DEFAULT_START_METHOD}
-
     # ================================================================== start and stop
 
-    async def startup(self) -> None:
+    async def start(self, context: BackendContext) -> None:
+        self._context = context
+        self.workers = context.workers
+        self._depth = 1
         self._reset(stopping=False)
         loop = self._running_loop()
         self._config = {"sys_path": list(sys.path), "log_levels": logger_levels()}
@@ -193,7 +185,7 @@ class MultiprocessingServer(ServerBase):
                 self._start_worker()
             await asyncio.wait_for(asyncio.shield(self._all_ready), START_TIMEOUT)
         except BaseException as exc:
-            await self.shutdown()
+            await self.stop()
             if isinstance(exc, TimeoutError):
                 raise BackendUnavailable(
                     f"{self.workers} worker process(es) did not all start within "
@@ -201,7 +193,7 @@ class MultiprocessingServer(ServerBase):
                 ) from None
             raise
 
-    async def shutdown(self) -> None:
+    async def stop(self) -> None:
         self._stopping = True
         self._backlog.clear()
         for worker in self._workers:
@@ -235,9 +227,8 @@ class MultiprocessingServer(ServerBase):
         return forkserver
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
-        loop = self.loop
-        assert loop is not None
-        return loop
+        assert self._context is not None
+        return self._context.loop
 
     def _start_worker(self) -> None:
         """Start one worker process; it is given tasks once it says HELLO."""
@@ -300,40 +291,29 @@ class MultiprocessingServer(ServerBase):
 
     # ================================================================== the backend API
 
-    def in_flight_limit(self) -> int:
-        return self.workers * self._depth
+    def prepare(self, task: Task) -> tuple[bytes, bytes]:
+        return dumps_call(task.function, task.args, task.kwargs)
 
-    def prepare(self, task: Task) -> None:
-        super().prepare(task)
-        task.payload = dumps_call(task.function, task.args, task.kwargs)
-
-    def launch(self, task: Task, token: int) -> None:
+    def launch(self, attempts: Sequence[Attempt]) -> None:
         if self._broken is not None:
-            self.complete(task, token, error=WorkerLost(self._broken))
+            for attempt in attempts:
+                attempt.failed(WorkerLost(self._broken))
             return
-        self._backlog.append((task, token))
+        self._backlog.extend(attempts)
         self._schedule_hand_out()
 
-    def abort(self, task: Task, token: int) -> None:
+    def abort(self, attempt: Attempt) -> None:
+        token = attempt.id
         worker = self._assigned.get(token)
         if worker is None:
-            if (task, token) in self._backlog:
-                self._backlog.remove((task, token))
-                self.complete(task, token, error=TaskCancelled("stopped before it started"))
+            if attempt in self._backlog:
+                self._backlog.remove(attempt)
+                attempt.give_back()
         elif worker.current == token:
             self._kill(worker, token)
         elif token not in worker.revoking:
             worker.revoking.add(token)
             worker.send(frame(REVOKE, token))
-
-    def cancel_queued(self) -> None:
-        """Cancel every task that has not started, including those already handed to a worker."""
-        super().cancel_queued()
-        held = [task for task, _ in self._backlog]
-        for worker in self._workers:
-            held.extend(task for token, task in worker.queue.items() if token != worker.current)
-        for task in held:
-            task.cancel()
 
     # ================================================================== handing out tasks
 
@@ -352,11 +332,13 @@ class MultiprocessingServer(ServerBase):
         heapq.heapify(room)
         frames: dict[WorkerHandle, list[bytes]] = {}
         while backlog and room:
-            task, token = backlog[0]
-            if task.done():  # finished while waiting here (its slot is released below)
+            attempt = backlog[0]
+            if not attempt.wanted:  # cancelled while waiting here: its slots go back now
                 backlog.popleft()
-                self.complete(task, token, error=TaskCancelled("stopped before it started"))
+                attempt.give_back()
                 continue
+            task = attempt.task
+            token = attempt.id
             load, index, worker = room[0]
             cores = task.resources.cores
             if load == 0 and self._busy + cores > self.workers:
@@ -371,9 +353,9 @@ class MultiprocessingServer(ServerBase):
             if load == 0:
                 self._busy += cores
                 worker.cores = cores
-            worker.queue[token] = task
+            worker.queue[token] = attempt
             self._assigned[token] = worker
-            function, arguments = task.payload
+            function, arguments = attempt.payload
             frames.setdefault(worker, []).append(
                 frame(TASK, token, SIZE.pack(len(function)) + function + arguments)
             )
@@ -401,7 +383,8 @@ class MultiprocessingServer(ServerBase):
             depth = 1 << (wanted.bit_length() - 1)  # powers of two: noise does not flap it
         if depth != self._depth:
             self._depth = depth
-            self.in_flight_limit_changed()
+            assert self._context is not None
+            self._context.set_prefetch(self.workers * (depth - 1))
             self._schedule_hand_out()
 
     # ================================================================== reading from workers
@@ -430,10 +413,10 @@ class MultiprocessingServer(ServerBase):
             elif kind == LOG:
                 self._on_log(worker, payload)
             elif kind == SKIPPED:
-                task = self._release(worker, token)
+                attempt = self._release(worker, token)
                 if worker.budget is not None:
                     worker.budget += 1
-                self.complete(task, token, error=TaskCancelled("revoked before it started"))
+                attempt.give_back()
             elif kind == HELLO:
                 self._on_hello(worker, token)
 
@@ -441,7 +424,7 @@ class MultiprocessingServer(ServerBase):
         (seconds,) = SECONDS.unpack_from(payload)
         previous = self._seconds
         self._seconds = seconds if previous is None else previous + _SMOOTHING * (seconds - previous)
-        task = self._release(worker, token)
+        attempt = self._release(worker, token)
         body = memoryview(payload)[SECONDS.size :]
         try:
             if kind == RESULT:
@@ -452,9 +435,12 @@ class MultiprocessingServer(ServerBase):
         except Exception as exc:
             result, error = (
                 None,
-                ResultUnreadable(f"the outcome of {task!r} cannot be unpickled here: {exc!r}"),
+                ResultUnreadable(f"the outcome of {attempt.task!r} cannot be unpickled here: {exc!r}"),
             )
-        self.complete(task, token, result=result, error=error, worker=worker.name)
+        if error is None:
+            attempt.succeeded(result, worker.name)
+        else:
+            attempt.failed(error, worker.name)
 
     def _on_log(self, worker: WorkerHandle, payload: bytes) -> None:
         try:
@@ -466,11 +452,9 @@ class MultiprocessingServer(ServerBase):
 
     def _on_started(self, worker: WorkerHandle, token: int) -> None:
         worker.current = token
-        task = worker.queue[token]
-        if token in worker.revoking:
+        attempt = worker.queue[token]
+        if token in worker.revoking or not attempt.started(worker.name):
             self._kill(worker, token)  # it started before the revocation arrived
-        else:
-            self.attempt_started(task, token)
 
     def _on_hello(self, worker: WorkerHandle, pid: int) -> None:
         worker.pid = pid
@@ -485,9 +469,9 @@ class MultiprocessingServer(ServerBase):
             all_ready.set_result(None)
         self._schedule_hand_out()
 
-    def _release(self, worker: WorkerHandle, token: int) -> Task:
+    def _release(self, worker: WorkerHandle, token: int) -> Attempt:
         """Take a reported token off its worker; an idle worker gives back its cores."""
-        task = worker.queue.pop(token)
+        attempt = worker.queue.pop(token)
         del self._assigned[token]
         worker.revoking.discard(token)
         if worker.current == token:
@@ -498,7 +482,7 @@ class MultiprocessingServer(ServerBase):
             if worker.state is RETIRING:
                 worker.close_task_pipe(drop_outbox=self._stopping)
         self._schedule_hand_out()
-        return task
+        return attempt
 
     # ================================================================== replacing workers
 
@@ -530,7 +514,7 @@ class MultiprocessingServer(ServerBase):
             self._replace()
 
     def _replace(self) -> None:
-        if self.is_running() and not self._stopping:
+        if not self._stopping:
             try:
                 self._start_worker()
             except OSError as exc:
@@ -559,7 +543,6 @@ class MultiprocessingServer(ServerBase):
         for token in worker.queue:
             del self._assigned[token]
         worker.queue.clear()
-        self._backlog.extendleft(reversed(innocent))
         if previous is STARTING:
             self._start_failed(
                 f"a worker process{f' (pid {worker.pid})' if worker.pid else ''} {how} before it "
@@ -570,8 +553,10 @@ class MultiprocessingServer(ServerBase):
             logger.warning("worker %s %s; starting another", worker.name, how)
             self._replace()
         worker.exited.set_result(None)
-        for task, token, error in settled:
-            self.complete(task, token, error=error, worker=worker.name)
+        for attempt in innocent:
+            attempt.give_back()
+        for attempt, error in settled:
+            attempt.failed(error, worker.name)
         self._schedule_hand_out()
 
     def _start_failed(self, message: str) -> None:
@@ -586,7 +571,33 @@ class MultiprocessingServer(ServerBase):
         if self._start_failures >= START_ATTEMPTS and not any(w.state is READY for w in self._workers):
             self._broken = f"no worker process can be started: {message}"
             backlog, self._backlog = self._backlog, deque()
-            for task, token in backlog:
-                self.complete(task, token, error=WorkerLost(self._broken))
+            for attempt in backlog:
+                attempt.failed(WorkerLost(self._broken))
         delay = min(5.0, 0.1 * 2**self._start_failures)
         self._running_loop().call_later(delay, self._replace)
+
+
+class MultiprocessingServer(TaskServer):
+    """A server whose tasks run in supervised worker processes on this machine.
+
+    Options: ``workers`` (processes; default one per CPU this process may use), ``queue_size``,
+    ``max_tasks_per_child`` (replace a worker after that many tasks; None: never) and
+    ``start_method`` (``"forkserver"``, ``"spawn"`` or ``"fork"``; see :mod:`taskplex_mp.processes`).
+    """
+
+    backend_class = MultiprocessingBackend
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        queue_size: int = 0,
+        max_tasks_per_child: int | None = None,
+        start_method: str = DEFAULT_START_METHOD,
+    ) -> None:
+        backend = MultiprocessingBackend(
+            max_tasks_per_child=max_tasks_per_child, start_method=start_method
+        )
+        super().__init__(
+            backend, workers=default_workers() if workers is None else workers, queue_size=queue_size
+        )

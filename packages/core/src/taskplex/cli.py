@@ -67,6 +67,7 @@ def taskplex_add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def _list_backends(args: argparse.Namespace) -> int:
     infos = plugins.backends()
+    broken = plugins.broken_plugins()
     if args.json:
         records = [
             {
@@ -78,15 +79,18 @@ def _list_backends(args: argparse.Namespace) -> int:
             }
             for info in infos
         ]
+        records += [{"name": b.name, "distribution": b.distribution, "broken": b.reason} for b in broken]
         print(json.dumps(records, indent=2))
         return 0
-    if not infos:
+    if not infos and not broken:
         print(
             "no taskplex backend is installed; install one, e.g. `pip install taskplex-backend-mp`",
             file=sys.stderr,
         )
         return 0
     rows = [("NAME", "DISTRIBUTION", "VERSION", "CAPABILITIES")]
+    for plugin in broken:
+        rows.append((plugin.name, plugin.distribution or "-", "-", f"BROKEN: {plugin.reason}"))
     for info in infos:
         rows.append(
             (
@@ -218,6 +222,10 @@ def _run_map(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``taskplex`` command line with ``argv`` (default: ``sys.argv[1:]``)."""
     plugins.load_plugins()
+    # The built-in commands are a plugin like any other, registered only when the CLI runs (a
+    # server never imports the command line).
+    if not plugins.pm.has_plugin(__name__):
+        plugins.register_plugin(sys.modules[__name__], __name__)
     parser = argparse.ArgumentParser(
         prog="taskplex", description="Run Python callables on pluggable execution backends."
     )

@@ -21,6 +21,7 @@ from concurrent.futures import CancelledError as _FuturesCancelledError
 from dataclasses import dataclass
 
 __all__ = [
+    "BackendError",
     "BackendUnavailable",
     "DependencyFailed",
     "DuplicateTaskName",
@@ -100,7 +101,19 @@ class TaskCancelled(TaskplexError, _FuturesCancelledError):
 
 
 class DependencyFailed(TaskCancelled):
-    """The task was cancelled because a task it depends on failed or was cancelled."""
+    """The task was cancelled because a task it depends on failed or was cancelled.
+
+    ``dependency`` describes the dependency that ended badly, and ``__cause__`` is the exception
+    that started it all: the failure at the head of the dependency chain, however long the chain.
+    It holds no reference to the tasks themselves.
+    """
+
+    def __init__(self, message: str, dependency: str = "") -> None:
+        super().__init__(message)
+        self.dependency = dependency
+
+    def __reduce__(self) -> tuple[type[DependencyFailed], tuple[str, str]]:
+        return (type(self), (str(self), self.dependency))
 
 
 class TaskTimeout(TaskplexError, TimeoutError):
@@ -109,6 +122,16 @@ class TaskTimeout(TaskplexError, TimeoutError):
 
 class InfrastructureError(TaskplexError):
     """The machinery failed, not the task's function. Retried up to the task's ``retries``."""
+
+    retryable: bool = True
+    """Whether another attempt could succeed; False for failures that would only repeat."""
+
+
+class BackendError(InfrastructureError):
+    """A backend failed unexpectedly (a method or background loop raised, a call hung).
+
+    The message says which part failed; ``__cause__`` is the original exception.
+    """
 
 
 class WorkerLost(InfrastructureError):
@@ -120,7 +143,12 @@ class JobKilled(InfrastructureError):
 
 
 class ResultUnreadable(InfrastructureError):
-    """The task ran but its result could not be read back."""
+    """The task ran but its result could not be read back.
+
+    Not retried: the same result would fail to unpickle the same way again.
+    """
+
+    retryable = False
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,28 +9,38 @@ Data flow::
         batch ── call_soon_threadsafe ──► server.enqueue_accepted(batch) ─► backend
                                                                            │
     future.result() ◄── set_result / set_exception ◄── _FutureDelivery.put(task) ◄┘
+    done-callbacks run in a callback thread, never on the loop
 
 Submissions are handed to the loop in batches (one wake-up per batch, not per task). With
 ``queue_size > 0`` the task queue is bounded and ``submit`` blocks while it is full.
+
+**Lifetime**, as in the standard library's pools: work submitted before the program exits is
+completed, also without ``shutdown()`` and after ``shutdown(wait=False)``. The loop thread holds no
+reference to its Executor, so an Executor dropped without ``shutdown()`` finishes the work already
+submitted and then releases its backend (processes, threads, descriptors) when it is collected.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures as cf
+import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
 import functools
+import inspect
 import itertools
+import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 
+from taskplex.backend import current_attempt
+from taskplex.errors import InvalidOption
 from taskplex.plugins import create_server
 from taskplex.results import ResultsQueue
+from taskplex.scheduler import TaskServer
 from taskplex.server import Server
-from taskplex.serverbase import ServerBase
 from taskplex.task import Task, TaskStatus
 
 __all__ = ["Executor", "TaskFuture"]
@@ -38,7 +48,6 @@ __all__ = ["Executor", "TaskFuture"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
 # the standard library's future states (concurrent.futures._base) in which a future is done
 _DONE_STATES = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
 
@@ -46,32 +55,64 @@ _DONE_STATES = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
 class TaskFuture(cf.Future[Any]):
     """A future bound to its :class:`~taskplex.task.Task` (``future.task``).
 
-    ``cancel()`` follows the standard library: it succeeds only before the task started. To stop a
-    task that is already running, call ``future.task.cancel()`` (effective where the backend
-    declares ``cancel_running``); the future then raises :class:`~taskplex.errors.TaskCancelled`.
+    ``cancel()`` follows the standard library: it succeeds only before the task started (a task
+    already handed to the backend but not started is withdrawn). To stop a task that is already
+    running, call ``future.task.cancel()`` (effective where the backend declares
+    ``cancel_running``); the future then raises :class:`~taskplex.errors.TaskCancelled`.
 
     The futures of one executor share one condition variable instead of making one each (a
     Condition and its lock are most of a future's cost and memory), so ``result()`` and
     ``exception()`` re-check their own state after every wake-up.
     """
 
-    def __init__(self, task: Task, condition: threading.Condition | None = None) -> None:
+    def __init__(self, task: Task, runner: _Runner | None = None) -> None:
         # The standard library's __init__ would make a Condition per future; set its fields here.
-        self._condition = threading.Condition() if condition is None else condition
+        self._condition = threading.Condition() if runner is None else runner.condition
         self._state = "PENDING"
         self._result = None
         self._exception = None
         self._waiters: list[Any] = []
         self._done_callbacks: list[Callable[[cf.Future[Any]], object]] = []
+        self._runner = runner
         self.task = task
 
     def cancel(self) -> bool:
-        cancelled = super().cancel()
+        if self._state != "PENDING":
+            return self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED")
+        server = self.task._server
+        cancelled = server.cancel_task(self.task, running=False) if server else self.task.cancel()
         if cancelled:
-            self.task.cancel()
+            super().cancel()
         return cancelled
 
+    def _invoke_callbacks(self) -> None:
+        invoke = super()._invoke_callbacks  # type: ignore[misc]
+        runner = self._runner
+        if self._done_callbacks and runner is not None and runner.on_loop_thread():
+            # a callback may block (wait for another future): never on the loop that delivers them
+            runner.callbacks.run(invoke)
+        else:
+            invoke()
+
     def _wait_done(self, timeout: float | None) -> None:
+        if self._state in _DONE_STATES:
+            return
+        runner = self._runner
+        if runner is not None and runner.on_loop_thread():
+            raise RuntimeError(
+                f"waiting for {self.task!r} on its executor's own event loop would deadlock; "
+                "in a coroutine, `await asyncio.wrap_future(future)` instead"
+            )
+        attempt = current_attempt.get()
+        if attempt is not None and runner is not None and attempt._server is runner.server:
+            # a task waiting for another task of its own server lends its slots meanwhile, so that
+            # waiting never deadlocks, with workers=1 too
+            with attempt._lending_slots():
+                self._wait_until_done(timeout)
+        else:
+            self._wait_until_done(timeout)
+
+    def _wait_until_done(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
             while self._state not in _DONE_STATES:
@@ -97,11 +138,14 @@ class _FutureDelivery(ResultsQueue):
 
     def put(self, task: Task) -> None:
         future = task._future
+        if future is None:
+            return
         try:
             if task.status is TaskStatus.SUCCEEDED:
                 future.set_result(task.result)
             elif task.status is TaskStatus.CANCELLED and not future.running():
-                cf.Future.cancel(future)
+                if future._state == "PENDING":
+                    cf.Future.cancel(future)
             else:
                 future.set_exception(task.exception)
         except cf.InvalidStateError:
@@ -112,88 +156,214 @@ class _FutureDelivery(ResultsQueue):
             future.set_running_or_notify_cancel()
 
 
+class _CallbackThread:
+    """Runs futures' done-callbacks in order, in one thread started on first use."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, call: Callable[[], object]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="taskplex-callbacks", daemon=True
+                )
+                self._thread.start()
+        self._calls.put(call)
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()  # the standard library's _invoke_callbacks logs what a callback raises
+
+    def close(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._calls.put(None)
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+class _Runner:
+    """The loop thread and everything it needs; deliberately holds no reference to the Executor."""
+
+    def __init__(self, server: TaskServer) -> None:
+        self.server = server
+        self.delivery = _FutureDelivery()
+        self.condition = threading.Condition()
+        self.callbacks = _CallbackThread()
+        self.loop = asyncio.new_event_loop()
+        self.pending: list[Task] = []
+        self.pending_lock = threading.Lock()
+        self.flush_scheduled = False
+        self.stop_lock = threading.Lock()
+        self.stop_requested: asyncio.Event | None = None
+        self.stopping = False
+        self.cancel_queued = False
+        self.ready = threading.Event()
+        self.start_error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, name=f"taskplex-{type(server).__name__}", daemon=True
+        )
+
+    def start(self) -> None:
+        _live_runners.add(self)
+        self.thread.start()
+        self.ready.wait()
+        if self.start_error is not None:
+            self.thread.join()
+            raise self.start_error
+
+    def on_loop_thread(self) -> bool:
+        return threading.get_ident() == self.thread.ident
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        finally:
+            try:
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+                # as asyncio.run does: join the loop's default pool (used by to_thread) first
+                self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            finally:
+                self.loop.close()
+                self.callbacks.close()
+                _live_runners.discard(self)
+
+    async def _serve(self) -> None:
+        self.stop_requested = asyncio.Event()
+        if self.stopping:
+            self.stop_requested.set()
+        async with asyncio.TaskGroup() as task_group:
+            try:
+                await self.server.start(task_group)
+            except BaseException as exc:
+                self.start_error = exc
+                self.ready.set()
+                return
+            self.ready.set()
+            await self.stop_requested.wait()
+            if self.cancel_queued:
+                self.server.cancel_queued()
+            await self.server.stop(wait=True)
+
+    def flush(self) -> None:
+        with self.pending_lock:
+            batch, self.pending = self.pending, []
+            self.flush_scheduled = False
+        self.server.enqueue_accepted(batch)
+
+    def hand_over(self, task: Task) -> None:
+        """Give an accepted task to the loop (a batch per loop wake-up)."""
+        with self.pending_lock:
+            self.pending.append(task)
+            if self.flush_scheduled:
+                return
+            self.flush_scheduled = True
+        if self.on_loop_thread():
+            self.loop.call_soon(self.flush)
+        else:
+            self.loop.call_soon_threadsafe(self.flush)
+
+    def request_stop(self, *, cancel_futures: bool) -> None:
+        """Stop once submitted work is done (cancelling what has not started, if asked)."""
+        with self.stop_lock:
+            if cancel_futures:
+                self.cancel_queued = True
+            first = not self.stopping
+            self.stopping = True
+        if not self.thread.is_alive() or self.loop.is_closed():
+            return
+        try:
+            if first:
+                self.loop.call_soon_threadsafe(self._set_stop)
+            elif cancel_futures:
+                self.loop.call_soon_threadsafe(self.server.cancel_queued)
+        except RuntimeError:
+            pass  # the loop closed meanwhile: nothing left to stop
+
+    def _set_stop(self) -> None:
+        if self.stop_requested is not None:
+            self.stop_requested.set()
+
+    def join(self) -> None:
+        if not self.on_loop_thread():
+            self.thread.join()
+
+
+_live_runners: set[_Runner] = set()
+
+
+@functools.cache
+def _register_exit_hook() -> None:
+    """Finish submitted work at interpreter exit, before the standard library's pools shut down.
+
+    ``threading._register_atexit`` hooks run before non-daemon threads are joined, latest first;
+    concurrent.futures.thread registered its own at import, so ours runs while thread pools (which
+    backends may use) still accept work.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - every CPython since 3.9 has it
+        import atexit
+
+        atexit.register(_finish_all)
+    else:
+        register(_finish_all)
+
+
+def _finish_all() -> None:
+    for runner in list(_live_runners):
+        runner.request_stop(cancel_futures=False)
+    for runner in list(_live_runners):
+        runner.join()
+
+
 class Executor(cf.Executor):
     """Run callables on any backend through the standard ``concurrent.futures`` interface.
 
     ``Executor("mp", workers=4)`` creates the backend's server with those options (an unknown option
     is an error that names the valid ones); an already created, not yet started
-    :class:`~taskplex.server.Server` may be passed instead. The server runs in its own event loop in
-    one background thread until :meth:`shutdown`.
+    :class:`~taskplex.scheduler.TaskServer` may be passed instead. The server runs in its own event
+    loop in one background thread until :meth:`shutdown`.
     """
 
     def __init__(self, backend: str | type[Server] | Server, /, **options: Any) -> None:
         if isinstance(backend, Server):
             if options:
-                raise TypeError("pass options when creating the server, not with a Server object")
+                raise InvalidOption("pass options when creating the server, not with a Server object")
             server = backend
         else:
             server = create_server(backend, **options)
-        if not isinstance(server, ServerBase):
-            raise TypeError(f"Executor needs a ServerBase subclass, got {type(server).__name__}")
-        self._server: ServerBase = server
-        self._delivery = _FutureDelivery()
-        self._futures_condition = threading.Condition()
+        if not isinstance(server, TaskServer):
+            raise InvalidOption(
+                f"Executor needs a taskplex.TaskServer (a server built on a taskplex backend), "
+                f"got {type(server).__name__}"
+            )
+        _register_exit_hook()
+        self._runner = runner = _Runner(server)
         self._shutdown_lock = threading.Lock()
         self._is_shutdown = False
-        self._pending: list[Task] = []
-        self._pending_lock = threading.Lock()
-        self._flush_scheduled = False
-        self._loop = asyncio.new_event_loop()
-        self._stop_requested: asyncio.Event | None = None
-        self._cancel_queued = False
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, name=f"taskplex-{type(server).__name__}", daemon=True
-        )
-        self._thread.start()
-        self._ready.wait()
-        if self._start_error is not None:
-            self._thread.join()
-            raise self._start_error
-        _live_executors.add(self)
+        runner.start()
+        # dropped without shutdown(): finish what was submitted, then release the backend
+        self._finalizer = weakref.finalize(self, runner.request_stop, cancel_futures=False)
 
     def __repr__(self) -> str:
         state = "shut down" if self._is_shutdown else "running"
-        return f"<taskplex.Executor {self._server!r} {state}>"
+        return f"<taskplex.Executor {self._runner.server!r} {state}>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a taskplex Executor cannot be sent to another process; a task that runs elsewhere "
+            "cannot submit to it (return the work to do instead, or use an in-process backend)"
+        )
 
     @property
-    def server(self) -> ServerBase:
+    def server(self) -> TaskServer:
         """The server this executor drives."""
-        return self._server
-
-    # ------------------------------------------------------------------ the event-loop thread
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._serve())
-        finally:
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-            # as asyncio.run does: join the loop's default pool (used by to_thread) before closing
-            self._loop.run_until_complete(self._loop.shutdown_default_executor())
-            self._loop.close()
-
-    async def _serve(self) -> None:
-        self._stop_requested = asyncio.Event()
-        async with asyncio.TaskGroup() as task_group:
-            try:
-                await self._server.start(task_group)
-            except BaseException as exc:
-                self._start_error = exc
-                self._ready.set()
-                return
-            self._ready.set()
-            await self._stop_requested.wait()
-            if self._cancel_queued:
-                self._server.cancel_queued()
-            await self._server.stop(wait=True)
-
-    def _flush(self) -> None:
-        with self._pending_lock:
-            batch, self._pending = self._pending, []
-            self._flush_scheduled = False
-        self._server.enqueue_accepted(batch)
+        return self._runner.server
 
     # ------------------------------------------------------------------ concurrent.futures API
 
@@ -216,27 +386,29 @@ class Executor(cf.Executor):
         """Schedule a :class:`~taskplex.task.Task` built with its own policy (timeout, retries...)."""
         if self._is_shutdown:
             raise RuntimeError("cannot schedule new tasks after shutdown")
-        future = TaskFuture(task, self._futures_condition)
+        runner = self._runner
+        future = TaskFuture(task, runner)
         task._future = future
-        task.results_queue = self._delivery
-        server = self._server
+        task.results_queue = runner.delivery
+        server = runner.server
         server.accept(task)
-        on_loop_thread = threading.get_ident() == self._thread.ident
-        if server.queue_size:
-            if on_loop_thread:
-                server.put_accepted_nowait(task)
+        # From here on the task must reach the loop, which delivers it: if this thread is
+        # interrupted (Ctrl-C) before handing it over, it is cancelled and handed over anyway.
+        handed = False
+        try:
+            if server.queue_size:
+                if runner.on_loop_thread():
+                    server.put_accepted_nowait(task)
+                else:
+                    asyncio.run_coroutine_threadsafe(server.put_accepted(task), runner.loop).result()
             else:
-                asyncio.run_coroutine_threadsafe(server.put_accepted(task), self._loop).result()
-            return future
-        with self._pending_lock:
-            self._pending.append(task)
-            if self._flush_scheduled:
-                return future
-            self._flush_scheduled = True
-        if on_loop_thread:
-            self._loop.call_soon(self._flush)
-        else:
-            self._loop.call_soon_threadsafe(self._flush)
+                runner.hand_over(task)
+            handed = True
+        finally:
+            if not handed:
+                task.cancel()
+                if task._future is future and not task._enqueued:
+                    runner.hand_over(task)
         return future
 
     def map(
@@ -258,29 +430,35 @@ class Executor(cf.Executor):
             return super().map(fn, *iterables, timeout=timeout)
         calls = iter(zip(*iterables, strict=False))
         chunks = iter(lambda: tuple(itertools.islice(calls, chunksize)), ())
-        per_chunk = super().map(functools.partial(_call_chunk, fn), chunks, timeout=timeout)
+        call_chunk: Callable[..., Any] = _await_chunk if _is_coroutine_function(fn) else _call_chunk
+        per_chunk: Iterator[list[T]] = super().map(
+            functools.partial(call_chunk, fn), chunks, timeout=timeout
+        )
         return itertools.chain.from_iterable(per_chunk)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks, then stop the server once queued tasks are done.
+        """Stop accepting tasks, then stop the server once submitted tasks are done.
 
         ``cancel_futures=True`` cancels tasks that have not started. ``wait=True`` blocks until all
-        running (and, without cancel_futures, queued) tasks are done and the backend has stopped.
-        Idempotent.
+        running (and, without cancel_futures, queued) tasks are done and the backend has stopped;
+        with ``wait=False`` the work still completes in the background, also if the program exits
+        meanwhile. Idempotent.
         """
         with self._shutdown_lock:
-            first = not self._is_shutdown
             self._is_shutdown = True
-        if first and self._thread.is_alive():
-            self._cancel_queued = cancel_futures
-            stop = self._stop_requested
-            if stop is not None:
-                self._loop.call_soon_threadsafe(stop.set)
-        elif cancel_futures and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._server.cancel_queued)
-        if wait and threading.get_ident() != self._thread.ident:
-            self._thread.join()
-        _live_executors.discard(self)
+        self._finalizer.detach()
+        runner = self._runner
+        runner.request_stop(cancel_futures=cancel_futures)
+        if wait:
+            runner.join()
+
+
+def _is_coroutine_function(function: Any) -> bool:
+    while isinstance(function, functools.partial):
+        function = function.func
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004 - async callable objects
+    )
 
 
 def _call_chunk(fn: Callable[..., T], calls: tuple[tuple[Any, ...], ...]) -> list[T]:
@@ -288,8 +466,6 @@ def _call_chunk(fn: Callable[..., T], calls: tuple[tuple[Any, ...], ...]) -> lis
     return [fn(*args) for args in calls]
 
 
-@atexit.register
-def _shutdown_all() -> None:
-    """Like the standard library's pools: wait for submitted work at interpreter exit."""
-    for executor in list(_live_executors):
-        executor.shutdown(wait=True)
+async def _await_chunk(fn: Callable[..., Any], calls: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    """Run one chunk of a chunked map of a coroutine function inside a single task."""
+    return [await fn(*args) for args in calls]

@@ -15,6 +15,7 @@ import pluggy
 if TYPE_CHECKING:
     import argparse
 
+    from taskplex.conformance.provider import TestProvider
     from taskplex.results import ResultsQueue
     from taskplex.server import Server
     from taskplex.task import Outcome, Task
@@ -103,4 +104,19 @@ def taskplex_add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     Called once when the CLI starts. Add a parser with ``subparsers.add_parser(...)`` and set its
     ``handler`` default to a callable taking the parsed ``argparse.Namespace`` and returning an exit
     code.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# conformance hooks
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def taskplex_test_provider(backend: str) -> TestProvider | None:
+    """The :class:`~taskplex.conformance.provider.TestProvider` for the backend named ``backend``.
+
+    Called by the conformance suite, once per backend it runs against; stops at the first
+    non-None result. Return None for backends that are not yours. Import your provider inside the
+    implementation, so that loading the plugin stays cheap for everything else.
     """

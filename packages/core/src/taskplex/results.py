@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
+from taskplex.backend import current_attempt
 from taskplex.errors import QueueClosed
 
 if TYPE_CHECKING:
@@ -93,8 +94,21 @@ class ResultsQueue:
                 if len(self._items) >= min_items:
                     return self._take(max_items)
                 fut: asyncio.Future[None] = loop.create_future()
-                self._async_waiters.append((loop, fut))
-            await fut
+                waiter = (loop, fut)
+                self._async_waiters.append(waiter)
+            try:
+                attempt = current_attempt.get()
+                if attempt is None:
+                    await fut
+                else:
+                    # a task waiting for other tasks lends its worker slots meanwhile
+                    async with attempt._lending_slots_async():
+                        await fut
+            except BaseException:
+                with self._lock:  # a cancelled reader leaves no waiter behind
+                    if waiter in self._async_waiters:
+                        self._async_waiters.remove(waiter)
+                raise
 
     async def __aiter__(self) -> AsyncIterator[Task]:
         """Yield tasks as they finish, until the queue is closed."""
@@ -115,6 +129,18 @@ class ResultsQueue:
     ) -> list[Task]:
         """Block until at least ``min_items`` tasks are ready; take up to ``max_items``."""
         _check_batch(min_items, max_items)
+        attempt = current_attempt.get()
+        if attempt is not None:
+            with self._lock:
+                ready = self._closed or len(self._items) >= min_items
+            if not ready:
+                with attempt._lending_slots():
+                    return self._wait_for_batch(min_items, max_items, timeout)
+        return self._wait_for_batch(min_items, max_items, timeout)
+
+    def _wait_for_batch(
+        self, min_items: int, max_items: int | None, timeout: float | None
+    ) -> list[Task]:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while True:

@@ -21,6 +21,9 @@ class Capabilities:
     """Cancelling a running task really stops its work."""
     timeout_kills_work: bool = False
     """A task that times out has its work stopped, and the worker is usable again."""
+    withdraws_launched: bool = True
+    """A task handed to the backend but not started yet (prefetched, a pending job) can be
+    withdrawn by cancel: it then never runs. Without it, cancel treats such a task as running."""
     survives_worker_death: bool = False
     """A worker killed mid-task is detected and replaced; its task is retried or fails WorkerLost."""
     runs_coroutines: bool = False

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -15,7 +17,7 @@ from taskplex.errors import InvalidOption, TaskCancelled
 
 if TYPE_CHECKING:
     from taskplex.results import ResultsQueue
-    from taskplex.serverbase import ServerBase
+    from taskplex.scheduler import TaskServer
 
 __all__ = ["Outcome", "Resources", "Task", "TaskStatus"]
 
@@ -26,9 +28,10 @@ class TaskStatus(enum.Enum):
     PENDING = "pending"
     """Created, not yet accepted by a server."""
     QUEUED = "queued"
-    """Accepted by a server, waiting for a worker (or for its dependencies)."""
+    """Accepted by a server, not executing yet: waiting for its dependencies or a free worker, or
+    handed to the backend ahead of time (prefetched, a pending cluster job)."""
     RUNNING = "running"
-    """Handed to a worker."""
+    """Executing: the backend reported that its work began."""
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     """Ended with an exception: the user's own, a timeout, or an infrastructure error."""
@@ -87,7 +90,28 @@ class Resources:
 
 
 DEFAULT_RESOURCES = Resources()
-_ids = itertools.count(1)
+
+
+class _TaskIds:
+    """Task ids unique across processes and hosts: a random prefix per process, then a counter.
+
+    A forked child draws a new prefix, so it never repeats ids its parent hands out.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = f"{secrets.token_hex(6)}-"
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter)}"
+
+
+_ids = _TaskIds()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.reset)
 
 
 def _positive_number(value: object) -> bool:
@@ -102,19 +126,28 @@ def _positive_number(value: object) -> bool:
 class Task:
     """One call of ``function(*args, **kwargs)`` with its policy and its record.
 
-    Policy (set by the caller): ``name`` (unique per server), ``timeout`` (seconds, per attempt),
-    ``retries`` (extra attempts after an infrastructure failure; after user errors too when
-    ``retry_user_errors``), ``resources`` and ``depends_on`` (tasks that must succeed first).
+    Policy (set by the caller): ``name`` (unique per server), ``key`` (what a journal or result
+    cache knows the task by; see :func:`taskplex.keys.task_key`), ``timeout`` (seconds per attempt,
+    counted from the moment the work really starts), ``retries`` (extra attempts after an
+    infrastructure failure; after user errors too when ``retry_user_errors``), ``resources`` and
+    ``depends_on`` (tasks that must succeed first).
 
-    Record (set by the server): ``status``, ``attempts``, ``submitted_at``, ``started_at``,
-    ``finished_at`` (``time.time()`` values), ``worker`` (what ran it), and ``result`` or
-    ``exception``. Finished tasks are put on ``results_queue``, exactly once each.
+    Record (set by the server): ``id`` (unique across processes and hosts), ``status``,
+    ``attempts`` (attempts that started), ``submitted_at``, ``launched_at`` (first handed to the
+    backend: a task launched but not started is with the backend, e.g. a pending cluster job),
+    ``started_at``, ``finished_at`` (``time.time()`` values), ``worker`` (what ran it), and
+    ``result`` or ``exception``. Finished
+    tasks are put on ``results_queue``, exactly once each.
     """
 
     __slots__ = (
+        "__weakref__",
+        "_attempt",
+        "_cancel_requested",
+        "_enqueued",
         "_future",
+        "_prepared",
         "_server",
-        "_token",
         "args",
         "attempts",
         "depends_on",
@@ -122,9 +155,10 @@ class Task:
         "finished_at",
         "function",
         "id",
+        "key",
         "kwargs",
+        "launched_at",
         "name",
-        "payload",
         "resources",
         "result",
         "results_queue",
@@ -144,6 +178,7 @@ class Task:
         kwargs: Mapping[str, Any] | None = None,
         *,
         name: str | None = None,
+        key: str | None = None,
         results_queue: ResultsQueue | None = None,
         timeout: float | None = None,
         retries: int = 0,
@@ -152,44 +187,65 @@ class Task:
         depends_on: Iterable[Task] = (),
     ) -> None:
         if not callable(function):
-            raise InvalidOption(f"a task needs a callable, got {type(function).__name__} {function!r}")
+            raise InvalidOption(
+                f"a task needs a callable as its function, got {type(function).__name__} {function!r}"
+            )
+        if type(args) is not tuple:
+            if isinstance(args, str | bytes) or not isinstance(args, Iterable):
+                raise InvalidOption(
+                    f"args must be a tuple (or another iterable) of positional arguments, got "
+                    f"{type(args).__name__} {args!r}; for one argument write args=({args!r},)"
+                )
+            args = tuple(args)
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise InvalidOption(
+                f"kwargs must be a mapping of keyword arguments, got {type(kwargs).__name__}"
+            )
         if timeout is not None and not _positive_number(timeout):
             raise InvalidOption(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise InvalidOption(f"retries must be an int >= 0, got {retries!r}")
-        if name is not None and not isinstance(name, str):
-            raise InvalidOption(f"name must be a str or None, got {type(name).__name__}")
+        for label, text in (("name", name), ("key", key)):
+            if text is not None and not isinstance(text, str):
+                raise InvalidOption(f"{label} must be a str or None, got {type(text).__name__}")
         self.function = function
-        self.args = args if type(args) is tuple else tuple(args)
+        self.args: tuple[Any, ...] = args
         self.kwargs: dict[str, Any] = {} if kwargs is None else dict(kwargs)
         self.name = name
+        self.key = key
         self.results_queue = results_queue
         self.timeout = timeout
         self.retries = retries
         self.retry_user_errors = retry_user_errors
         self.resources = DEFAULT_RESOURCES if resources is None else Resources.coerce(resources)
+        if isinstance(depends_on, Task):
+            depends_on = (depends_on,)
         self.depends_on: tuple[Task, ...] = tuple(depends_on)
         for dep in self.depends_on:
             if not isinstance(dep, Task):
                 raise InvalidOption(f"depends_on takes Task objects, got {type(dep).__name__}")
-        self.id = next(_ids)
+        self.id = _ids.next()
         self.status = TaskStatus.PENDING
         self.attempts = 0
         self.submitted_at: float | None = None
+        self.launched_at: float | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.worker: str | None = None
         self.result: Any = None
         self.exception: BaseException | None = None
-        self.payload: Any = None
-        """Backend-private data (e.g. the serialised call); cleared when the task finishes."""
-        self._server: ServerBase | None = None
-        self._token = 0
+        # The server's bookkeeping, private to taskplex's core; cleared when the task finishes so
+        # that a finished task holds no cycle through its server, future or attempt.
+        self._server: TaskServer | None = None
         self._future: Any = None
+        self._attempt: Any = None
+        self._prepared: Any = None
+        self._cancel_requested = False
+        self._enqueued = False
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
-        fn = getattr(self.function, "__qualname__", repr(self.function))
+        fn = getattr(self.function, "__qualname__", None) or repr(self.function)
         return f"<Task {self.id}{label} {fn} {self.status.value}>"
 
     def done(self) -> bool:
@@ -204,20 +260,25 @@ class Task:
     def cancel(self) -> bool:
         """Ask for the task to be cancelled; safe from any thread, idempotent.
 
-        A task that has not started is cancelled for sure: it will never run. A running task is
-        stopped when its backend declares ``cancel_running``; otherwise it runs to its end and this
-        returns False. Cancelling a finished task does nothing and returns False. Returns True when
-        the task is (or will shortly be) CANCELLED.
+        Returns True when the task is (or will at once be) CANCELLED. A task that has not started
+        is cancelled for sure: its work never runs, also when the backend had already been handed
+        it (a prefetched task, a pending cluster job). A running task is stopped where its backend
+        can stop it (``cancel_running``); otherwise it runs to its end and this returns False.
+        Cancelling a finished task does nothing and returns whether it ended CANCELLED.
         """
+        if self.finished_at is not None:
+            return self.status is TaskStatus.CANCELLED
         server = self._server
         if server is None:
-            with _unattached_lock:
-                if self.status is TaskStatus.PENDING:
+            with CLAIM_LOCK:
+                if self.status is TaskStatus.PENDING and self._server is None:
                     self.status = TaskStatus.CANCELLED
                     self.exception = TaskCancelled("cancelled before it was submitted")
                     self.finished_at = time.time()
                     return True
-            return self.status is TaskStatus.CANCELLED
+            if self._server is None:
+                return self.status is TaskStatus.CANCELLED
+            server = self._server
         return server.cancel_task(self)
 
     def outcome(self) -> Any:
@@ -229,7 +290,8 @@ class Task:
         raise RuntimeError(f"{self!r} has not finished")
 
 
-_unattached_lock = threading.Lock()
+CLAIM_LOCK = threading.Lock()
+"""Guards a task's passage from PENDING to a server against a cancel() in another thread."""
 
 
 class Outcome:

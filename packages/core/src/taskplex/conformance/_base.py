@@ -11,49 +11,52 @@ from typing import Any, ClassVar, NoReturn
 
 import pytest
 
-from taskplex.conformance import requirements
-from taskplex.conformance._support import Markers, ProcessTable, bounded_call, serving
+from taskplex import plugins
+from taskplex.conformance import _support, requirements
+from taskplex.conformance._support import Markers, bounded_call, serving
+from taskplex.conformance.provider import Leftovers, TestProvider
 from taskplex.errors import BackendUnavailable, UnknownBackend
 from taskplex.executor import Executor
-from taskplex.plugins import backends, create_server, get_server_class
+from taskplex.plugins import backends, capabilities_of, create_server, get_server_class
+from taskplex.scheduler import TaskServer
 from taskplex.server import Capabilities
-from taskplex.serverbase import ServerBase
 
 EVERY_INSTALLED_BACKEND = "*"
 """The ``backend`` of the suite's own test modules: parametrised over the installed backends."""
 
 _NO_BACKEND = "(none installed)"
 
-MakeServer = Callable[..., ServerBase]
+MakeServer = Callable[..., TaskServer]
 MakeExecutor = Callable[..., Executor]
-Serve = Callable[[ServerBase], AbstractAsyncContextManager[ServerBase]]
+Serve = Callable[[TaskServer], AbstractAsyncContextManager[TaskServer]]
 
 
 @dataclass(frozen=True)
 class BackendUnderTest:
-    """The backend a test runs against."""
+    """The backend a test runs against, and the provider that provisions and observes it."""
 
     name: str
-    server_class: type[ServerBase]
+    server_class: type[TaskServer]
+    provider: TestProvider
 
     @property
-    def capabilities(self) -> Capabilities:
-        return self.server_class.capabilities
-
-    @property
-    def pickles_tasks(self) -> bool:
-        return requirements.declares(self.capabilities, "pickles_tasks")
+    def declared(self) -> Capabilities:
+        """The capabilities the server class declares (before options are applied)."""
+        return capabilities_of(self.server_class)
 
 
 class SuiteBase:
     """Fixtures shared by the suite's test classes. A backend's subclass may override any of them.
 
-    Set ``backend`` to an installed backend's name or to a server class. ``server_options`` gives
-    the options the server is created with (by default the server class's
-    ``conformance_options(tmp_path)``); the suite adds ``workers`` and ``queue_size``.
+    Set ``backend`` to an installed backend's name or to a server class, and ``provider`` to a
+    :class:`~taskplex.conformance.provider.TestProvider` if the backend's distribution supplies
+    none through the ``taskplex_test_provider`` hook. ``server_options`` gives the options the
+    server is created with (by default the provider's ``options(workdir)``); the suite adds
+    ``workers`` and ``queue_size``.
     """
 
-    backend: ClassVar[str | type[ServerBase] | None] = None
+    backend: ClassVar[str | type[TaskServer] | None] = None
+    provider: ClassVar[TestProvider | None] = None
     taskplex_suite: ClassVar[bool] = True
     """Marks the classes of the suite (the plugin gives their tests a default timeout)."""
 
@@ -87,33 +90,51 @@ class SuiteBase:
             name = chosen
         else:
             server_class, name = chosen, chosen.__name__
-        if not (isinstance(server_class, type) and issubclass(server_class, ServerBase)):
+        if not (isinstance(server_class, type) and issubclass(server_class, TaskServer)):
             pytest.fail(
-                f"backend {name!r} is {server_class!r}; the suite needs a taskplex.ServerBase subclass"
+                f"backend {name!r} is {server_class!r}; the suite needs a taskplex.TaskServer subclass"
             )
-        return BackendUnderTest(name, server_class)
+        provider = cls.provider
+        if provider is None and isinstance(chosen, str):
+            provider = plugins.pm.hook.taskplex_test_provider(backend=chosen)
+        return BackendUnderTest(name, server_class, provider or TestProvider())
+
+    @pytest.fixture(autouse=True)
+    def _scaled_bounds(self, taskplex_backend: BackendUnderTest) -> Iterator[None]:
+        """Every time bound of the suite is multiplied by the provider's latency."""
+        with _support.latency(taskplex_backend.provider.latency):
+            yield
 
     @pytest.fixture(autouse=True)
     def _capability_gate(
-        self, request: pytest.FixtureRequest, taskplex_backend: BackendUnderTest
+        self,
+        request: pytest.FixtureRequest,
+        taskplex_backend: BackendUnderTest,
+        capabilities: Capabilities,
     ) -> None:
-        reason = requirements.unmet(request.node, taskplex_backend.name, taskplex_backend.capabilities)
+        reason = requirements.unmet(request.node, taskplex_backend.name, capabilities)
         if reason is not None:
             pytest.skip(reason)
 
     @pytest.fixture
-    def capabilities(self, taskplex_backend: BackendUnderTest) -> Capabilities:
-        return taskplex_backend.capabilities
+    def capabilities(
+        self, taskplex_backend: BackendUnderTest, server_options: dict[str, Any]
+    ) -> Capabilities:
+        """What the server under test declares, built with the options the suite uses."""
+        options = {**server_options, "workers": 1, "queue_size": 0}
+        server = create_server(taskplex_backend.server_class, **options)
+        assert isinstance(server, TaskServer)
+        return server.capabilities
 
     @pytest.fixture
     def server_options(
         self, request: pytest.FixtureRequest, taskplex_backend: BackendUnderTest, tmp_path: Path
     ) -> dict[str, Any]:
-        """Options for a server that runs here; override to supply your own."""
+        """Options for a server that runs here (the provider's); override to supply your own."""
         workdir = tmp_path / "backend"
         workdir.mkdir()
         try:
-            return dict(taskplex_backend.server_class.conformance_options(workdir))
+            return dict(taskplex_backend.provider.options(workdir))
         except BackendUnavailable as exc:
             _unavailable(request.config, f"backend {taskplex_backend.name!r} cannot run here: {exc}")
 
@@ -125,10 +146,10 @@ class SuiteBase:
     ) -> MakeServer:
         """``make_server(workers=1, queue_size=0)``: a new, not yet started server."""
 
-        def make(workers: int = 1, queue_size: int = 0) -> ServerBase:
+        def make(workers: int = 1, queue_size: int = 0) -> TaskServer:
             options = {**server_options, "workers": workers, "queue_size": queue_size}
             server = create_server(taskplex_backend.server_class, **options)
-            assert isinstance(server, ServerBase)
+            assert isinstance(server, TaskServer)
             return server
 
         return make
@@ -152,25 +173,30 @@ class SuiteBase:
         yield make
         markers.release_all()
         for executor in made:
-            bounded_call(
-                functools.partial(executor.shutdown, wait=True, cancel_futures=True),
-                "Executor.shutdown()",
-            )
+            try:
+                bounded_call(
+                    functools.partial(executor.shutdown, wait=True, cancel_futures=True),
+                    "Executor.shutdown()",
+                )
+            except BaseException:
+                _support.abandon(executor)  # hung: do not let it hold up the rest of the run
+                raise
 
     # ------------------------------------------------------------------ side channels
 
     @pytest.fixture
-    def markers(self, tmp_path: Path) -> Iterator[Markers]:
+    def markers(self, taskplex_backend: BackendUnderTest, tmp_path: Path) -> Iterator[Markers]:
         """Marker files written by the suite's task functions; held tasks are released after."""
-        markers = Markers(tmp_path / "markers")
+        shared = taskplex_backend.provider.shared_directory(tmp_path)
+        markers = Markers(shared / "markers", taskplex_backend.provider)
         yield markers
         markers.release_all()
 
     @pytest.fixture
-    def process_table(self) -> ProcessTable:
-        """A snapshot of this process's children, threads and file descriptors."""
+    def leftovers(self, taskplex_backend: BackendUnderTest) -> Leftovers:
+        """What exists now, to check what the server under test leaves behind (the provider's)."""
         try:
-            return ProcessTable()
+            return taskplex_backend.provider.snapshot()
         except ImportError as exc:
             pytest.fail(f"the suite needs psutil: pip install 'taskplex-core[conformance]' ({exc})")
 

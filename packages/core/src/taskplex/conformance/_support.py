@@ -1,25 +1,26 @@
-"""Helpers of the conformance suite: bounded waits, marker files, and the process table."""
+"""Helpers of the conformance suite: bounded waits, marker files, and checking what is left."""
 
 from __future__ import annotations
 
 import asyncio
-import gc
+import contextlib
 import os
-import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from taskplex import executor as _executor
 from taskplex.conformance import BOUND
 from taskplex.conformance import _tasks as tasks
+from taskplex.conformance.provider import Leftovers, TestProvider, WorkerReport
 from taskplex.executor import Executor, TaskFuture
 from taskplex.results import ResultsQueue
-from taskplex.serverbase import ServerBase
+from taskplex.scheduler import TaskServer
 from taskplex.task import Task, TaskStatus
 
 T = TypeVar("T")
@@ -28,12 +29,33 @@ POLL = 0.01
 GRACE = 1.0
 """Seconds to watch for something that must NOT happen (a marker file after work was stopped).
 
-Work that was not stopped polls its release file every 10 ms, so it would show up well within this.
+Work that was not stopped polls its release file every 10 ms, so it would show up well within this
+(times the backend's latency).
 """
 
-# The standard library keeps these helper processes (and a pipe to each) for the life of the
-# interpreter once any code uses multiprocessing; they are not workers of the server under test.
-_INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+_scale = [1.0]
+"""The latency of the backend under test (set per test by the suite's fixture)."""
+
+
+@contextlib.contextmanager
+def latency(factor: float) -> Iterator[None]:
+    """Multiply every bound of the suite by ``factor`` (the provider's latency) for a while."""
+    previous = _scale[0]
+    _scale[0] = factor
+    try:
+        yield
+    finally:
+        _scale[0] = previous
+
+
+def bound() -> float:
+    """Seconds the suite waits for anything, scaled to the backend under test."""
+    return BOUND * _scale[0]
+
+
+def grace() -> float:
+    """Seconds the suite watches for something that must not happen, scaled likewise."""
+    return GRACE * _scale[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -41,44 +63,48 @@ _INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.for
 # ---------------------------------------------------------------------------------------------------
 
 
-def wait_until(condition: Callable[[], bool], what: str, bound: float = BOUND) -> None:
-    """Block until ``condition()`` holds; fail the test, saying ``what``, after ``bound`` seconds."""
-    deadline = time.monotonic() + bound
+def wait_until(condition: Callable[[], bool], what: str, limit: float | None = None) -> None:
+    """Block until ``condition()`` holds; fail the test, saying ``what``, after the bound."""
+    limit = bound() if limit is None else limit
+    deadline = time.monotonic() + limit
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"waited {bound} s for {what}")
+            pytest.fail(f"waited {limit} s for {what}")
         time.sleep(POLL)
 
 
-def highest_seen(sample: Callable[[], int], duration: float = GRACE) -> int:
+def highest_seen(sample: Callable[[], int], duration: float | None = None) -> int:
     """The highest value ``sample()`` returns while watched for ``duration`` seconds."""
     highest = sample()
-    deadline = time.monotonic() + duration
+    deadline = time.monotonic() + (grace() if duration is None else duration)
     while time.monotonic() < deadline:
         time.sleep(POLL)
         highest = max(highest, sample())
     return highest
 
 
-async def await_until(condition: Callable[[], bool], what: str, bound: float = BOUND) -> None:
+async def await_until(condition: Callable[[], bool], what: str, limit: float | None = None) -> None:
     """Like :func:`wait_until`, without blocking the event loop."""
-    deadline = time.monotonic() + bound
+    limit = bound() if limit is None else limit
+    deadline = time.monotonic() + limit
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"waited {bound} s for {what}")
+            pytest.fail(f"waited {limit} s for {what}")
         await asyncio.sleep(POLL)
 
 
-async def bounded(awaitable: Awaitable[T], what: str, bound: float = BOUND) -> T:
-    """Await ``awaitable``; fail the test, saying ``what``, if it takes more than ``bound`` s."""
+async def bounded(awaitable: Awaitable[T], what: str, limit: float | None = None) -> T:
+    """Await ``awaitable``; fail the test, saying ``what``, if it takes longer than the bound."""
+    limit = bound() if limit is None else limit
     try:
-        return await asyncio.wait_for(awaitable, bound)
+        return await asyncio.wait_for(awaitable, limit)
     except TimeoutError:
-        pytest.fail(f"{what} did not finish within {bound} s")
+        pytest.fail(f"{what} did not finish within {limit} s")
 
 
-def bounded_call(call: Callable[[], T], what: str, bound: float = BOUND) -> T:
+def bounded_call(call: Callable[[], T], what: str, limit: float | None = None) -> T:
     """Run a blocking ``call`` in a helper thread; fail the test if it has not returned in time."""
+    limit = bound() if limit is None else limit
     outcome: list[Any] = []
 
     def target() -> None:
@@ -89,9 +115,9 @@ def bounded_call(call: Callable[[], T], what: str, bound: float = BOUND) -> T:
 
     thread = threading.Thread(target=target, name="taskplex-conformance-call", daemon=True)
     thread.start()
-    thread.join(bound)
+    thread.join(limit)
     if thread.is_alive():
-        pytest.fail(f"{what} was still blocked after {bound} s")
+        pytest.fail(f"{what} was still blocked after {limit} s")
     ok, value = outcome[0]
     if not ok:
         raise value
@@ -99,12 +125,37 @@ def bounded_call(call: Callable[[], T], what: str, bound: float = BOUND) -> T:
 
 
 def run(scenario: Coroutine[Any, Any, T]) -> T:
-    """Run an async scenario in a fresh event loop, as a plain test function would."""
-    try:
-        return asyncio.run(bounded(scenario, "the test scenario", 3 * BOUND))
-    except BaseExceptionGroup as group:
-        # a failure inside `async with TaskGroup()` arrives wrapped; show the failure itself
-        raise _first_leaf(group) from None
+    """Run an async scenario in a fresh event loop, as a plain test function would.
+
+    The loop runs in a helper thread, and what the scenario leaves running is given a bounded time
+    to end: a backend that hangs even its cleanup fails its test with the failure the scenario saw,
+    and the run goes on without it.
+    """
+    limit = 3 * bound()
+
+    def in_a_loop() -> T:
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(bounded(scenario, "the test scenario", limit))
+        except BaseExceptionGroup as group:
+            # a failure inside `async with TaskGroup()` arrives wrapped; show the failure itself
+            raise _first_leaf(group) from None
+        finally:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=bound()))
+            if not any(not task.done() for task in left):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+    return bounded_call(in_a_loop, "the test scenario (with its cleanup)", limit + 2 * bound())
+
+
+def abandon(executor: Executor) -> None:
+    """Forget an Executor whose shutdown hung, so that the end of the run does not wait for it."""
+    _executor._live_runners.discard(executor._runner)
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -114,22 +165,42 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
 
 async def collect(results: ResultsQueue, count: int) -> list[Task]:
     """Take ``count`` finished tasks from ``results``; fail if fewer arrive within BOUND."""
+    limit = bound()
     try:
-        return await asyncio.wait_for(results.get_batch(count, count), BOUND)
+        return await asyncio.wait_for(results.get_batch(count, count), limit)
     except TimeoutError:
-        pytest.fail(f"{len(results)} of {count} expected task(s) were delivered within {BOUND} s")
+        pytest.fail(f"{len(results)} of {count} expected task(s) were delivered within {limit} s")
 
 
 @asynccontextmanager
-async def serving(server: ServerBase, markers: Markers) -> AsyncIterator[ServerBase]:
-    """Start ``server`` in a task group for the body of the block, then stop it (bounded)."""
-    async with asyncio.TaskGroup() as task_group:
-        await bounded(server.start(task_group), "server.start()")
-        try:
-            yield server
-        finally:
-            markers.release_all()
-            await bounded(server.stop(), "server.stop()")
+async def serving(server: TaskServer, markers: Markers) -> AsyncIterator[TaskServer]:
+    """Start ``server`` for the body of the block, then stop it (bounded).
+
+    The server runs in a task group of its own, hosted by a separate task: if the backend hangs
+    its stop, the test fails saying so instead of waiting on the task group forever.
+    """
+    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    release = asyncio.Event()
+
+    async def host() -> None:
+        async with asyncio.TaskGroup() as task_group:
+            try:
+                await server.start(task_group)
+            except BaseException as exc:
+                started.set_exception(exc)
+                return
+            started.set_result(None)
+            await release.wait()
+
+    hosting = asyncio.ensure_future(host())
+    await bounded(asyncio.shield(started), "server.start()")
+    try:
+        yield server
+    finally:
+        markers.release_all()
+        await bounded(server.stop(), "server.stop()")
+        release.set()
+        await bounded(hosting, "the server's task group to end after stop()")
 
 
 def assert_delivered_once(tasks_: list[Task], expected: list[Task]) -> None:
@@ -149,8 +220,9 @@ def assert_delivered_once(tasks_: list[Task], expected: list[Task]) -> None:
 class Markers:
     """Marker files in a directory of the test, written by the functions in ``_tasks``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, provider: TestProvider | None = None) -> None:
         self.directory = directory
+        self.provider = provider or TestProvider()
         (directory / tasks.SLOTS).mkdir(parents=True)
 
     def args(self, name: str, hold: bool = False) -> tuple[str, str, bool]:
@@ -176,6 +248,11 @@ class Markers:
     def open_slots(self) -> None:
         (self.directory / tasks.OPEN_SLOTS).touch()
 
+    def clear_slots(self, prefix: str) -> None:
+        """Remove the slot files of tasks named ``prefix...`` (their work was killed)."""
+        for path in (self.directory / tasks.SLOTS).glob(f"{prefix}*"):
+            path.unlink(missing_ok=True)
+
     def slots_held(self) -> int:
         return len(os.listdir(self.directory / tasks.SLOTS))
 
@@ -200,48 +277,72 @@ class Markers:
             self.release(f"blocker{i}")
 
     async def assert_never(self, *names: str, stage: str) -> None:
-        """Watch for GRACE seconds that none of ``names`` reaches ``stage``."""
-        deadline = time.monotonic() + GRACE
+        """Watch for a grace period that none of ``names`` reaches ``stage``."""
+        deadline = time.monotonic() + grace()
         while time.monotonic() < deadline:
             reached = [name for name in names if self.has(name, stage)]
             assert not reached, f"{reached} reached {stage!r} but must not have"
             await asyncio.sleep(POLL)
 
-    async def pid(self, name: str, run: int) -> int:
-        """The pid written by run ``run`` of :func:`~taskplex.conformance._tasks.wait_to_be_killed`."""
+    async def worker(self, name: str, run: int) -> WorkerReport:
+        """Where run ``run`` of :func:`~taskplex.conformance._tasks.wait_to_be_killed` runs."""
         path = self.path(name, f"pid{run}")
         await await_until(path.exists, f"run {run} of {name} to report its pid")
-        return int(path.read_text())
+        pid, host = path.read_text().split(" ", 1)
+        return WorkerReport(int(pid), host)
+
+    async def kill_worker(self, name: str, run: int) -> None:
+        """Kill the worker running run ``run`` of ``name``, through the provider."""
+        self.provider.kill_worker(await self.worker(name, run))
 
 
 async def occupy_every_slot(
-    server: ServerBase, markers: Markers, results: ResultsQueue | None = None
+    server: TaskServer, markers: Markers, results: ResultsQueue | None = None
 ) -> list[Task]:
     """Submit held tasks ``blocker0``... until every slot the server hands out is taken.
 
-    A backend may launch tasks ahead of a free worker (``in_flight_limit() > workers``); tasks
+    A backend may launch tasks ahead of a free worker (``launch_limit > workers``); tasks
     submitted after these blockers are then truly queued. Returns once a blocker runs.
     """
     blockers = [
         await server.submit(markers.task(f"blocker{i}", hold=True, results_queue=results))
-        for i in range(server.in_flight_limit())
+        for i in range(server.launch_limit)
     ]
     await await_until(
-        lambda: all(blocker.status is TaskStatus.RUNNING for blocker in blockers),
-        "every blocker to be handed to a worker",
+        lambda: sum(blocker.status is TaskStatus.RUNNING for blocker in blockers) >= server.workers,
+        "every worker to run a blocker",
     )
     await markers.until_any(*(f"blocker{i}" for i in range(len(blockers))))
     return blockers
+
+
+async def warm_up(server: TaskServer, rounds: int = 5, batch: int = 64) -> None:
+    """Run short tasks, so that a backend that tunes its prefetch to task durations prefetches.
+
+    Stops early once the server launches ahead of its workers, or when a round is slow (such a
+    backend would not prefetch short tasks anyway).
+    """
+    results = ResultsQueue()
+    for _ in range(rounds):
+        if server.launch_limit > server.workers:
+            return
+        started = time.monotonic()
+        for i in range(batch):
+            await server.submit(Task(tasks.echo, (i,), results_queue=results))
+        await collect(results, batch)
+        if time.monotonic() - started > grace():
+            return
 
 
 def occupy_every_executor_slot(executor: Executor, markers: Markers) -> list[TaskFuture]:
     """:func:`occupy_every_slot` for an Executor."""
     futures = [
         executor.submit_task(markers.task(f"blocker{i}", hold=True))
-        for i in range(executor.server.in_flight_limit())
+        for i in range(executor.server.launch_limit)
     ]
     wait_until(
-        lambda: all(future.running() for future in futures), "every blocker to be handed to a worker"
+        lambda: sum(future.running() for future in futures) >= executor.server.workers,
+        "every worker to run a blocker",
     )
     wait_until(
         lambda: any(markers.has(f"blocker{i}", "started") for i in range(len(futures))),
@@ -251,79 +352,17 @@ def occupy_every_executor_slot(executor: Executor, markers: Markers) -> list[Tas
 
 
 # ---------------------------------------------------------------------------------------------------
-# the process table
+# what is left behind
 # ---------------------------------------------------------------------------------------------------
 
 
-def _interpreter_helper_fds() -> set[int]:
-    """The pipes this process holds to the standard library's multiprocessing helpers."""
-    fds = set()
-    for module_name, holder, attribute in (
-        ("multiprocessing.resource_tracker", "_resource_tracker", "_fd"),
-        ("multiprocessing.forkserver", "_forkserver", "_forkserver_alive_fd"),
-    ):
-        module = sys.modules.get(module_name)
-        fd = getattr(getattr(module, holder, None), attribute, None)
-        if isinstance(fd, int):
-            fds.add(fd)
-    return fds
-
-
-class ProcessTable:
-    """What this process had running when created: child processes, threads, file descriptors."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self._me = psutil.Process()
-        self._children = {child.pid for child in self._me.children(recursive=True)}
-        self._threads = set(threading.enumerate())
-        self._fds = self._fd_count()
-        self._helper_fds = _interpreter_helper_fds()
-
-    def _fd_count(self) -> int | None:
-        return self._me.num_fds() if hasattr(self._me, "num_fds") else None
-
-    def leftovers(self) -> list[str]:
-        """Everything started since the snapshot that still exists, described."""
-        psutil = self._psutil
-        found = []
-        for child in self._me.children(recursive=True):
-            if child.pid in self._children:
-                continue
-            try:
-                cmdline = " ".join(child.cmdline())
-                status = child.status()
-            except psutil.ZombieProcess:
-                cmdline, status = "(exited, not reaped by its parent)", "zombie"
-            except psutil.NoSuchProcess:
-                continue
-            except psutil.AccessDenied:
-                cmdline, status = "?", "?"
-            if any(helper in cmdline for helper in _INTERPRETER_HELPERS):
-                continue
-            found.append(f"process {child.pid} ({status}): {cmdline[:200]}")
-        found.extend(
-            f"thread {thread.name!r}"
-            for thread in threading.enumerate()
-            if thread not in self._threads and thread.is_alive()
-        )
-        fds = self._fd_count()
-        if fds is not None and self._fds is not None:
-            extra = fds - self._fds - len(_interpreter_helper_fds() - self._helper_fds)
-            if extra > 0:
-                found.append(f"{extra} file descriptor(s) more than before")
-        return found
-
-    def assert_clean(self) -> None:
-        """Wait (bounded) until nothing started since the snapshot is left; fail listing what is."""
-        deadline = time.monotonic() + BOUND
-        while True:
-            gc.collect()  # file descriptors of unreachable objects are closed by their finalisers
-            left = self.leftovers()
-            if not left:
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"left behind after the server stopped ({BOUND} s): {left}")
-            time.sleep(5 * POLL)
+def assert_clean(leftovers: Leftovers) -> None:
+    """Wait (bounded) until nothing the server started is left; fail listing what is."""
+    deadline = time.monotonic() + bound()
+    while True:
+        left = leftovers.remaining()
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"left behind after the server stopped ({bound()} s): {left}")
+        time.sleep(5 * POLL)

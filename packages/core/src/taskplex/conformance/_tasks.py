@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from taskplex.conformance import BOUND
 
 if TYPE_CHECKING:
     from taskplex.executor import Executor
-    from taskplex.serverbase import ServerBase
+    from taskplex.scheduler import TaskServer
 
 POLL = 0.01
 RELEASE_ALL = "all.release"
@@ -32,6 +33,17 @@ OPEN_SLOTS = "slots.open"
 
 class TaskFailure(Exception):
     """The exception a task raises on purpose, to check that it arrives as itself."""
+
+
+class TaskBaseException(BaseException):
+    """A BaseException of the task's own (not an Exception): it must fail only its task."""
+
+
+BASE_EXCEPTIONS = {
+    "SystemExit": SystemExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "TaskBaseException": TaskBaseException,
+}
 
 
 class UnpicklableFailure(Exception):
@@ -57,6 +69,19 @@ def raise_failure(message: str) -> None:
 
 def raise_unpicklable(message: str) -> None:
     raise UnpicklableFailure(message)
+
+
+def raise_base_exception(kind: str, directory: str) -> None:
+    """Count a run of ``kind``, then raise that BaseException (SystemExit(3) for SystemExit)."""
+    record_run(Path(directory), kind)
+    exception = BASE_EXCEPTIONS[kind]
+    raise exception(3) if exception is SystemExit else exception(f"{kind} from the task")
+
+
+def count_run(directory: str, name: str) -> str:
+    """Count one run of ``name`` (marker files ``<name>.run<n>``); return ``name``."""
+    record_run(Path(directory), name)
+    return name
 
 
 def return_unpicklable() -> threading.Lock:
@@ -90,11 +115,12 @@ def fail_until(directory: str, name: str, succeed_on_run: int) -> int:
     return run
 
 
-def occupy_slot(directory: str, name: str) -> int:
-    """Hold a slot file until the test opens the gate; return the most slots seen held at once."""
+def occupy_slot(directory: str, name: str, count: int = 1) -> int:
+    """Hold ``count`` slot files until the test opens the gate; return the most seen at once."""
     slots = Path(directory) / SLOTS
-    mine = slots / name
-    mine.touch()
+    mine = [slots / f"{name}.{i}" for i in range(count)]
+    for path in mine:
+        path.touch()
     peak = 0
     deadline = time.monotonic() + BOUND
     try:
@@ -106,7 +132,8 @@ def occupy_slot(directory: str, name: str) -> int:
                 raise TimeoutError(f"the slot gate stayed closed for {BOUND} s")
             time.sleep(POLL)
     finally:
-        mine.unlink()
+        for path in mine:
+            path.unlink()
 
 
 def wait_to_be_killed(directory: str, name: str, survive_from_run: int = 0) -> int:
@@ -118,7 +145,7 @@ def wait_to_be_killed(directory: str, name: str, survive_from_run: int = 0) -> i
     run = record_run(folder, name)
     pid_file = folder / f"{name}.pid{run}"
     scratch = pid_file.with_suffix(".tmp")
-    scratch.write_text(str(os.getpid()))
+    scratch.write_text(f"{os.getpid()} {socket.gethostname()}")
     scratch.rename(pid_file)  # the test must never read a half-written pid
     if survive_from_run and run >= survive_from_run:
         return run
@@ -175,7 +202,7 @@ async def echo_coroutine(value: Any) -> Any:
     return value
 
 
-async def submit_from_coroutine(server: ServerBase, value: Any) -> Any:
+async def submit_from_coroutine(server: TaskServer, value: Any) -> Any:
     """Submit ``echo(value)`` to ``server`` from a coroutine running on its loop; return the result."""
     from taskplex.results import ResultsQueue
     from taskplex.task import Task

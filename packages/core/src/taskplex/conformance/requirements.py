@@ -3,8 +3,9 @@
 ``@requires("cancel_running")`` runs a test only on backends that declare the capability;
 ``@lacks("cancel_running")`` only on those that do not (to check the outcome the contracts define
 for them). A skipped test says which capability it needed and what that capability means. Besides
-the fields of ``Capabilities``, one derived name exists: ``pickles_tasks``, true where tasks run
-outside the caller's process (``remote`` or ``worker_processes``).
+the fields of ``Capabilities``, two derived names exist: ``pickles_tasks``, true where tasks run
+outside the caller's process (``remote`` or ``worker_processes``), and ``honours_cores``, true where
+``resources.cores`` is among the resources the backend honours.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ _MEANING = {
     "worker_processes": "tasks run in child processes of the caller",
     "forwards_logs": "log records emitted in a task reach the caller's logging",
     "pickles_tasks": "functions, arguments and results are pickled: remote or worker_processes",
+    "withdraws_launched": "a task handed to the backend but not started can be withdrawn",
+    "honours_cores": "a task's resources.cores is honoured (it takes that many worker slots)",
 }
 
 _DERIVED: dict[str, Callable[[Capabilities], bool]] = {
     "pickles_tasks": lambda caps: caps.remote or caps.worker_processes,
+    "honours_cores": lambda caps: "cores" in caps.resources,
 }
 
 

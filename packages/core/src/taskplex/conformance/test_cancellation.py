@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
-from taskplex.conformance import BOUND
 from taskplex.conformance import _tasks as tasks
 from taskplex.conformance._base import (
     EVERY_INSTALLED_BACKEND,
@@ -16,15 +16,20 @@ from taskplex.conformance._base import (
 from taskplex.conformance._support import (
     Markers,
     assert_delivered_once,
+    await_until,
+    bound,
+    bounded,
     bounded_call,
     collect,
     occupy_every_executor_slot,
     occupy_every_slot,
     run,
+    warm_up,
 )
 from taskplex.conformance.requirements import lacks, requires
 from taskplex.errors import DependencyFailed, TaskCancelled
 from taskplex.results import ResultsQueue
+from taskplex.server import Capabilities
 from taskplex.task import Task, TaskStatus
 
 
@@ -70,7 +75,7 @@ class CancellationTests(SuiteBase):
                 start = threading.Barrier(8)
 
                 def cancel_from_a_thread() -> None:
-                    start.wait(BOUND)
+                    start.wait(bound())
                     answers.append(queued.cancel())
 
                 threads = [threading.Thread(target=cancel_from_a_thread) for _ in range(8)]
@@ -114,10 +119,84 @@ class CancellationTests(SuiteBase):
         assert queued.cancel() is True
         assert queued.cancelled()
         markers.release_blockers(blockers)
-        outcomes = [future.result(timeout=BOUND) for future in blockers]
+        outcomes = [future.result(timeout=bound()) for future in blockers]
         assert outcomes == [f"blocker{i}" for i in range(len(blockers))]
         bounded_call(executor.shutdown, "Executor.shutdown()")
         assert not markers.has("queued", "started")
+
+    @requires("withdraws_launched")
+    def test_cancelled_launched_task_never_starts(
+        self, make_server: MakeServer, serve: Serve, markers: Markers
+    ) -> None:
+        server = make_server(workers=1)
+        results = ResultsQueue()
+
+        async def scenario() -> list[Task]:
+            async with serve(server):
+                await warm_up(server)
+                blocker = await server.submit(markers.task("blocker", hold=True, results_queue=results))
+                await markers.until("blocker")
+                # as many as the backend takes ahead of its worker, and one more that stays queued
+                ahead = server.launch_limit - server.workers
+                extra = [
+                    await server.submit(markers.task(f"extra{i}", results_queue=results))
+                    for i in range(ahead + 1)
+                ]
+                await await_until(
+                    lambda: sum(task.launched_at is not None for task in extra) >= ahead,
+                    f"{ahead} task(s) to be handed to the backend ahead of its worker",
+                )
+                for task in extra:
+                    running = f"{task!r} was reported running while the only worker runs another"
+                    assert task.status is TaskStatus.QUEUED, running
+                    assert task.started_at is None, running
+                    assert task.cancel() is True, f"cancel() of {task!r}, which had not started"
+                    assert task.cancelled()
+                markers.release("blocker")
+                everything = [blocker, *extra]
+                assert_delivered_once(await collect(results, len(everything)), everything)
+                await markers.assert_never(*(f"extra{i}" for i in range(len(extra))), stage="started")
+                after = await server.submit(markers.task("after", results_queue=results))
+                await collect(results, 1)
+                assert after.outcome() == "after"
+            return extra
+
+        for task in run(scenario()):
+            assert task.status is TaskStatus.CANCELLED
+            assert isinstance(task.exception, TaskCancelled)
+
+    def test_stop_withdraws_tasks_that_have_not_started(
+        self, make_server: MakeServer, serve: Serve, markers: Markers, capabilities: Capabilities
+    ) -> None:
+        server = make_server(workers=1)
+        results = ResultsQueue()
+
+        async def scenario() -> list[Task]:
+            async with serve(server):
+                await warm_up(server)
+                blocker = await server.submit(markers.task("blocker", hold=True, results_queue=results))
+                await markers.until("blocker")
+                ahead = server.launch_limit - server.workers
+                extra = [
+                    await server.submit(markers.task(f"extra{i}", results_queue=results))
+                    for i in range(ahead + 1)
+                ]
+                await await_until(
+                    lambda: sum(task.launched_at is not None for task in extra) >= ahead,
+                    f"{ahead} task(s) to be handed to the backend ahead of its worker",
+                )
+                stopping = asyncio.ensure_future(server.stop())
+                if not capabilities.cancel_running:
+                    await await_until(lambda: all(task.done() for task in extra), "extras cancelled")
+                    markers.release("blocker")
+                await bounded(stopping, "server.stop() with launched and queued tasks")
+                assert_delivered_once(await collect(results, 1 + len(extra)), [blocker, *extra])
+                markers.release("blocker")
+                await markers.assert_never(*(f"extra{i}" for i in range(len(extra))), stage="started")
+            return extra
+
+        for task in run(scenario()):
+            assert task.status is TaskStatus.CANCELLED, repr(task)
 
     @requires("cancel_running")
     def test_cancel_running_task_stops_its_work(

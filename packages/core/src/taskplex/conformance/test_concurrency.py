@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from taskplex.conformance import BOUND
 from taskplex.conformance import _tasks as tasks
+from taskplex.conformance import requirements
 from taskplex.conformance._base import (
     EVERY_INSTALLED_BACKEND,
     BackendUnderTest,
@@ -21,13 +21,14 @@ from taskplex.conformance._base import (
     SuiteBase,
 )
 from taskplex.conformance._support import (
-    GRACE,
     Markers,
     assert_delivered_once,
     await_until,
+    bound,
     bounded,
     bounded_call,
     collect,
+    grace,
     highest_seen,
     occupy_every_executor_slot,
     occupy_every_slot,
@@ -37,7 +38,11 @@ from taskplex.conformance._support import (
 from taskplex.conformance.requirements import requires
 from taskplex.errors import SerializationError, TaskplexError
 from taskplex.results import ResultsQueue
+from taskplex.server import Capabilities
 from taskplex.task import Task, TaskStatus
+
+LARGE_POOL = 33
+"""More workers than any default pool has (the standard library's thread pool caps at 32)."""
 
 
 class ConcurrencyTests(SuiteBase):
@@ -61,8 +66,113 @@ class ConcurrencyTests(SuiteBase):
         held = highest_seen(markers.slots_held)
         assert held <= workers, f"{held} tasks ran at once with workers={workers}"
         markers.open_slots()
-        peaks = [future.result(timeout=BOUND) for future in futures]
+        peaks = [future.result(timeout=bound()) for future in futures]
         assert max(peaks) == workers, f"tasks saw {max(peaks)} running at once, not {workers}"
+
+    def test_more_workers_than_any_default_pool(
+        self, make_executor: MakeExecutor, markers: Markers, taskplex_backend: BackendUnderTest
+    ) -> None:
+        workers = min(LARGE_POOL, taskplex_backend.provider.max_workers or LARGE_POOL)
+        executor = make_executor(workers=workers)
+        futures = [
+            executor.submit(tasks.occupy_slot, str(markers.directory), f"slot{i}")
+            for i in range(workers + 5)
+        ]
+        wait_until(lambda: markers.slots_held() >= workers, f"{workers} tasks to run at once")
+        held = highest_seen(markers.slots_held)
+        assert held == workers, f"{held} tasks ran at once with workers={workers}"
+        markers.open_slots()
+        assert max(future.result(timeout=bound()) for future in futures) == workers
+
+    @pytest.mark.parametrize("how", ["timeout", "cancel"], ids=["timed_out", "cancelled"])
+    def test_peak_concurrency_holds_after_timeouts_and_cancels(
+        self,
+        make_server: MakeServer,
+        serve: Serve,
+        markers: Markers,
+        capabilities: Capabilities,
+        how: str,
+    ) -> None:
+        workers = 2
+        server = make_server(workers=workers)
+        results = ResultsQueue()
+        directory = str(markers.directory)
+        timeout = 0.5 if how == "timeout" else None
+        stops_work = capabilities.timeout_kills_work if how == "timeout" else capabilities.cancel_running
+
+        async def scenario() -> list[Task]:
+            async with serve(server):
+                first = [
+                    await server.submit(
+                        Task(
+                            tasks.occupy_slot,
+                            (directory, f"first{i}"),
+                            timeout=timeout,
+                            results_queue=results,
+                        )
+                    )
+                    for i in range(workers)
+                ]
+                await await_until(lambda: markers.slots_held() >= workers, "the first tasks to run")
+                if how == "cancel":
+                    for task in first:
+                        assert task.cancel() is stops_work
+                if how == "timeout" or stops_work:
+                    await await_until(lambda: all(task.done() for task in first), "the first to end")
+                if stops_work:
+                    markers.clear_slots("first")  # killed work never removes its own slot files
+                # work that could not be stopped still holds its slot: nothing new may join it
+                second = [
+                    await server.submit(
+                        Task(tasks.occupy_slot, (directory, f"second{i}"), results_queue=results)
+                    )
+                    for i in range(workers)
+                ]
+                held = await asyncio.to_thread(highest_seen, markers.slots_held)
+                assert held <= workers, (
+                    f"{held} tasks ran at once with workers={workers}, after {how}s of running tasks"
+                )
+                markers.open_slots()
+                await collect(results, 2 * workers)
+            return second
+
+        for task in run(scenario()):
+            assert task.status is TaskStatus.SUCCEEDED, repr(task.exception)
+            assert task.result <= workers, f"a task saw {task.result} tasks running at once"
+
+    @requires("honours_cores")
+    def test_a_multi_core_task_takes_its_cores_in_slots(
+        self, make_server: MakeServer, serve: Serve, markers: Markers
+    ) -> None:
+        workers = 3
+        server = make_server(workers=workers)
+        results = ResultsQueue()
+        directory = str(markers.directory)
+        shapes = [2, 1, 1, 2, 1, 3, 1]
+
+        async def scenario() -> list[Task]:
+            async with serve(server):
+                submitted = [
+                    await server.submit(
+                        Task(
+                            tasks.occupy_slot,
+                            (directory, f"t{i}", cores),
+                            resources={"cores": cores},
+                            results_queue=results,
+                        )
+                    )
+                    for i, cores in enumerate(shapes)
+                ]
+                await await_until(lambda: markers.slots_held() >= 2, "the first tasks to run")
+                held = await asyncio.to_thread(highest_seen, markers.slots_held)
+                assert held <= workers, f"{held} cores in use at once with workers={workers}"
+                markers.open_slots()
+                assert_delivered_once(await collect(results, len(shapes)), submitted)
+            return submitted
+
+        for task in run(scenario()):
+            assert task.status is TaskStatus.SUCCEEDED, repr(task.exception)
+            assert task.result <= workers, f"a task saw {task.result} cores in use at once"
 
     # ------------------------------------------------------------------ C9
 
@@ -84,7 +194,7 @@ class ConcurrencyTests(SuiteBase):
                 ]
                 last = markers.task("last", results_queue=results)
                 submitting = asyncio.ensure_future(server.submit(last))
-                done, _ = await asyncio.wait({submitting}, timeout=GRACE)
+                done, _ = await asyncio.wait({submitting}, timeout=grace())
                 assert not done, "submit returned although the task queue was full (queue_size=2)"
                 markers.release_blockers(blockers)
                 await bounded(submitting, "submit once the task queue had room")
@@ -111,12 +221,12 @@ class ConcurrencyTests(SuiteBase):
             daemon=True,
         )
         submitter.start()
-        submitter.join(GRACE)
+        submitter.join(grace())
         assert submitter.is_alive(), "submit returned although the task queue was full"
         markers.release_blockers(blockers)
-        submitter.join(BOUND)
-        assert not submitter.is_alive(), f"submit still blocked {BOUND} s after room was made"
-        outcomes = [f.result(timeout=BOUND) for f in [*blockers, *queued, *last]]
+        submitter.join(bound())
+        assert not submitter.is_alive(), f"submit still blocked {bound()} s after room was made"
+        outcomes = [f.result(timeout=bound()) for f in [*blockers, *queued, *last]]
         assert outcomes == [*(f"blocker{i}" for i in range(len(blockers))), "queued0", "queued1", "last"]
 
     def test_results_are_delivered_while_nobody_reads_them(
@@ -179,7 +289,7 @@ class ConcurrencyTests(SuiteBase):
             [str(markers.directory)] * 3,
             names,
             [True] * 3,
-            timeout=BOUND,
+            timeout=bound(),
         )
         for name in reversed(names):
             markers.wait(name)
@@ -189,34 +299,45 @@ class ConcurrencyTests(SuiteBase):
 
     # ------------------------------------------------------------------ C13
 
+    @pytest.mark.parametrize("workers", [1, 2])
     def test_executor_submit_from_inside_a_task(
-        self, make_executor: MakeExecutor, taskplex_backend: BackendUnderTest
+        self, make_executor: MakeExecutor, capabilities: Capabilities, workers: int
     ) -> None:
-        executor = make_executor(workers=2)
+        executor = make_executor(workers=workers)
+        refused: SerializationError | None = None
         try:
             future = bounded_call(
                 lambda: executor.submit(tasks.submit_from_task, executor, 7),
                 "submitting a task that holds the executor",
             )
-        except SerializationError:
-            assert taskplex_backend.pickles_tasks, (
+        except SerializationError as exc:
+            refused = exc
+        if refused is not None:
+            assert requirements.declares(capabilities, "pickles_tasks"), (
                 "an in-process backend refused a task because its argument cannot be pickled"
             )
+            assert "Executor" in str(refused), f"the error should say what cannot be sent: {refused}"
             return  # failing at once is allowed
         try:
-            exc = future.exception(timeout=BOUND)
+            error = future.exception(timeout=bound())
         except TimeoutError:
-            pytest.fail(f"a task submitting to its own executor did not finish within {BOUND} s")
-        if exc is None:
+            pytest.fail(
+                f"a task submitting to its own executor (workers={workers}) did not finish within "
+                f"{bound()} s: waiting inside a task must not deadlock"
+            )
+        if error is None:
             assert future.result() == 7
         else:
-            assert isinstance(exc, TaskplexError | RuntimeError), (
-                f"submitting from inside a task must work or fail at once, got {exc!r}"
+            assert isinstance(error, TaskplexError | RuntimeError), (
+                f"submitting from inside a task must work or fail at once, got {error!r}"
             )
 
     @requires("runs_coroutines")
-    def test_submit_from_a_coroutine_task(self, make_server: MakeServer, serve: Serve) -> None:
-        server = make_server(workers=2)
+    @pytest.mark.parametrize("workers", [1, 2])
+    def test_submit_from_a_coroutine_task(
+        self, make_server: MakeServer, serve: Serve, workers: int
+    ) -> None:
+        server = make_server(workers=workers)
         results = ResultsQueue()
 
         async def scenario() -> Task:
@@ -238,12 +359,12 @@ class ConcurrencyTests(SuiteBase):
     ) -> None:
         executor = make_executor(workers=2, queue_size=queue_size)
         future = executor.submit(tasks.submit_to_executor_from_loop, executor, 5)
-        assert future.result(timeout=BOUND) == 5
+        assert future.result(timeout=bound()) == 5
 
     @requires("runs_coroutines")
     def test_coroutine_functions_are_awaited(self, make_executor: MakeExecutor) -> None:
         executor = make_executor()
-        assert executor.submit(tasks.echo_coroutine, "awaited").result(timeout=BOUND) == ("awaited")
+        assert executor.submit(tasks.echo_coroutine, "awaited").result(timeout=bound()) == ("awaited")
 
 
 class TestConcurrency(ConcurrencyTests):

@@ -9,7 +9,6 @@ import traceback
 
 import pytest
 
-from taskplex.conformance import BOUND
 from taskplex.conformance import _tasks as tasks
 from taskplex.conformance._base import (
     EVERY_INSTALLED_BACKEND,
@@ -21,6 +20,7 @@ from taskplex.conformance._base import (
 from taskplex.conformance._support import (
     Markers,
     assert_delivered_once,
+    bound,
     bounded,
     collect,
     run,
@@ -84,16 +84,16 @@ class FailureTests(SuiteBase):
         bad = executor.submit(tasks.raise_failure, "boom 23")
         good = executor.submit(tasks.echo, 23)
         with pytest.raises(tasks.TaskFailure, match="boom 23") as caught:
-            bad.result(timeout=BOUND)
+            bad.result(timeout=bound())
         assert "raise_failure" in _traceback_text(caught.value)
-        assert good.result(timeout=BOUND) == 23
+        assert good.result(timeout=bound()) == 23
 
     def test_unpicklable_exception_keeps_type_name_and_message(
         self, make_executor: MakeExecutor
     ) -> None:
         executor = make_executor()
         future = executor.submit(tasks.raise_unpicklable, "cannot travel")
-        exc = future.exception(timeout=BOUND)
+        exc = future.exception(timeout=bound())
         assert exc is not None
         if isinstance(exc, UnpicklableError):
             assert exc.type_name.endswith("UnpicklableFailure"), exc.type_name
@@ -103,6 +103,36 @@ class FailureTests(SuiteBase):
             assert str(exc) == "cannot travel"
         assert "raise_unpicklable" in _traceback_text(exc)
 
+    # ------------------------------------------------------------------ C23
+
+    @pytest.mark.parametrize("kind", sorted(tasks.BASE_EXCEPTIONS))
+    def test_base_exceptions_fail_only_their_task(
+        self, make_server: MakeServer, serve: Serve, markers: Markers, kind: str
+    ) -> None:
+        server = make_server(workers=1)
+        results = ResultsQueue()
+        raiser = Task(
+            tasks.raise_base_exception, (kind, str(markers.directory)), retries=2, results_queue=results
+        )
+
+        async def scenario() -> Task:
+            async with serve(server):
+                await server.submit(raiser)
+                assert_delivered_once(await collect(results, 1), [raiser])
+                assert server.is_running(), f"a task raising {kind} stopped the server"
+                after = await server.submit(Task(tasks.echo, ("after",), results_queue=results))
+                await collect(results, 1)
+            return after
+
+        after = run(scenario())
+        assert raiser.status is TaskStatus.FAILED
+        assert type(raiser.exception) is tasks.BASE_EXCEPTIONS[kind], (
+            f"a task raising {kind} must fail with its own type, got {raiser.exception!r}"
+        )
+        assert raiser.attempts == 1, f"{kind} raised by the task was taken for a dead worker"
+        assert markers.runs(kind) == 1
+        assert after.outcome() == "after"
+
     # ------------------------------------------------------------------ C4
 
     def test_user_errors_are_not_retried_by_default(
@@ -111,7 +141,7 @@ class FailureTests(SuiteBase):
         executor = make_executor()
         task = Task(tasks.fail_until, (str(markers.directory), "flaky", 99), retries=3)
         future = executor.submit_task(task)
-        assert isinstance(future.exception(timeout=BOUND), tasks.TaskFailure)
+        assert isinstance(future.exception(timeout=bound()), tasks.TaskFailure)
         assert task.attempts == 1
         assert markers.runs("flaky") == 1
 
@@ -125,7 +155,7 @@ class FailureTests(SuiteBase):
             retries=2,
             retry_user_errors=True,
         )
-        assert executor.submit_task(task).result(timeout=BOUND) == 3
+        assert executor.submit_task(task).result(timeout=bound()) == 3
         assert task.status is TaskStatus.SUCCEEDED
         assert task.attempts == 3
         assert markers.runs("flaky") == 3
@@ -156,12 +186,12 @@ class FailureTests(SuiteBase):
     @requires("pickles_tasks")
     def test_unpicklable_result_is_an_infrastructure_error(self, make_executor: MakeExecutor) -> None:
         executor = make_executor()
-        exc = executor.submit(tasks.return_unpicklable).exception(timeout=BOUND)
+        exc = executor.submit(tasks.return_unpicklable).exception(timeout=bound())
         assert isinstance(exc, TaskplexError), (
             f"a result that cannot be sent back must fail as a taskplex error, got {exc!r}"
         )
         assert "lock" in str(exc), f"the error should name what could not be pickled: {exc}"
-        assert executor.submit(tasks.echo, "still serving").result(timeout=BOUND) == ("still serving")
+        assert executor.submit(tasks.echo, "still serving").result(timeout=bound()) == ("still serving")
 
     def test_undeclared_resources_are_refused_at_submit(
         self, make_executor: MakeExecutor, capabilities: Capabilities
@@ -174,7 +204,7 @@ class FailureTests(SuiteBase):
         for key, value in undeclared.items():
             with pytest.raises(ResourceUnavailable, match=key):
                 executor.submit_task(Task(tasks.echo, (key,), resources={key: value}))
-        assert executor.submit(tasks.echo, "plain").result(timeout=BOUND) == "plain"
+        assert executor.submit(tasks.echo, "plain").result(timeout=bound()) == "plain"
 
     # ------------------------------------------------------------------ C14
 
@@ -214,8 +244,8 @@ class FailureTests(SuiteBase):
         first = executor.submit_task(Task(tasks.echo, (1,), name="twin"))
         with pytest.raises(DuplicateTaskName):
             executor.submit_task(Task(tasks.echo, (2,), name="twin"))
-        assert first.result(timeout=BOUND) == 1
-        assert executor.submit(tasks.echo, 3).result(timeout=BOUND) == 3
+        assert first.result(timeout=bound()) == 1
+        assert executor.submit(tasks.echo, 3).result(timeout=bound()) == 3
 
     # ------------------------------------------------------------------ C19
 
@@ -234,7 +264,7 @@ class FailureTests(SuiteBase):
             executor.submit(add_offset, 7),
             executor.submit(functools.partial(scaled, 3), 5),
         ]
-        assert [f.result(timeout=BOUND) for f in futures] == [42, 1007, 15]
+        assert [f.result(timeout=bound()) for f in futures] == [42, 1007, 15]
 
     @requires("pickles_tasks")
     def test_unpicklable_argument_fails_at_submit(self, make_server: MakeServer, serve: Serve) -> None:
@@ -269,7 +299,7 @@ class FailureTests(SuiteBase):
         assert "lock" in str(caught.value), (
             f"the error should name what could not be pickled: {caught.value}"
         )
-        assert executor.submit(tasks.echo, 1).result(timeout=BOUND) == 1
+        assert executor.submit(tasks.echo, 1).result(timeout=bound()) == 1
 
 
 class TestFailures(FailureTests):

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pickle
+import subprocess
+import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +16,7 @@ import pytest
 from taskplex.conformance import _tasks as tasks
 from taskplex.conformance._base import (
     EVERY_INSTALLED_BACKEND,
+    BackendUnderTest,
     MakeExecutor,
     MakeServer,
     Serve,
@@ -18,8 +24,9 @@ from taskplex.conformance._base import (
 )
 from taskplex.conformance._support import (
     Markers,
-    ProcessTable,
+    assert_clean,
     assert_delivered_once,
+    bound,
     bounded,
     bounded_call,
     collect,
@@ -28,10 +35,23 @@ from taskplex.conformance._support import (
     run,
     wait_until,
 )
+from taskplex.conformance.provider import Leftovers
 from taskplex.errors import ServerNotRunning, TaskCancelled
 from taskplex.results import ResultsQueue
 from taskplex.server import Capabilities
 from taskplex.task import Task, TaskStatus
+
+EXIT_SCRIPT = """
+import pickle, taskplex
+from taskplex.conformance import _tasks
+backend = pickle.load(open({tmp!r} + "/backend.pickle", "rb"))
+options = pickle.load(open({tmp!r} + "/options.pickle", "rb"))
+executor = taskplex.Executor(backend, **options)
+for call in {calls!r}:
+    executor.submit(_tasks.touch_and_wait, *call)
+{shutdown}
+"""
+"""A program that submits work and ends without waiting for it (C24)."""
 
 
 def _raised_at_once(call: Coroutine[Any, Any, Any]) -> BaseException:
@@ -127,7 +147,7 @@ class LifecycleTests(SuiteBase):
         make_server: MakeServer,
         serve: Serve,
         markers: Markers,
-        process_table: ProcessTable,
+        leftovers: Leftovers,
         capabilities: Capabilities,
     ) -> None:
         server = make_server(workers=1)
@@ -164,14 +184,14 @@ class LifecycleTests(SuiteBase):
         for task in run(scenario()):
             assert task.status is TaskStatus.CANCELLED, f"{task!r}: {task.exception!r}"
             assert isinstance(task.exception, TaskCancelled), repr(task.exception)
-        process_table.assert_clean()
+        assert_clean(leftovers)
 
     def test_stop_with_wait_lets_pending_tasks_finish(
         self,
         make_server: MakeServer,
         serve: Serve,
         markers: Markers,
-        process_table: ProcessTable,
+        leftovers: Leftovers,
     ) -> None:
         server = make_server(workers=1)
         results = ResultsQueue()
@@ -194,13 +214,13 @@ class LifecycleTests(SuiteBase):
         for task in run(scenario()):
             assert task.status is TaskStatus.SUCCEEDED, f"{task!r}: {task.exception!r}"
         assert all(markers.has(name, "done") for name in names)
-        process_table.assert_clean()
+        assert_clean(leftovers)
 
     def test_executor_shutdown_cancel_futures(
         self,
         make_executor: MakeExecutor,
         markers: Markers,
-        process_table: ProcessTable,
+        leftovers: Leftovers,
     ) -> None:
         executor = make_executor(workers=1)
         blockers = occupy_every_executor_slot(executor, markers)
@@ -215,19 +235,58 @@ class LifecycleTests(SuiteBase):
         outcomes = [future.result(timeout=0) for future in blockers]
         assert outcomes == [f"blocker{i}" for i in range(len(blockers))]
         assert not any(markers.has(f"queued{i}", "started") for i in range(3))
-        process_table.assert_clean()
+        assert_clean(leftovers)
 
     def test_executor_shutdown_waits_for_queued_tasks(
         self,
         make_executor: MakeExecutor,
         markers: Markers,
-        process_table: ProcessTable,
+        leftovers: Leftovers,
     ) -> None:
         executor = make_executor(workers=2)
         futures = [executor.submit(tasks.touch_and_wait, *markers.args(f"task{i}")) for i in range(6)]
         bounded_call(executor.shutdown, "Executor.shutdown()")
         assert [f.result(timeout=0) for f in futures] == [f"task{i}" for i in range(6)]
-        process_table.assert_clean()
+        assert_clean(leftovers)
+
+    # ------------------------------------------------------------------ C24
+
+    @pytest.mark.parametrize("ending", ["no shutdown", "shutdown(wait=False)"])
+    def test_work_completes_when_the_program_exits(
+        self,
+        taskplex_backend: BackendUnderTest,
+        server_options: dict[str, Any],
+        markers: Markers,
+        tmp_path: Path,
+        ending: str,
+    ) -> None:
+        options = {**server_options, "workers": 2}
+        (tmp_path / "options.pickle").write_bytes(pickle.dumps(options))
+        # by name where it is installed, else the class itself (importable by its module)
+        backend = (
+            taskplex_backend.name if isinstance(self.backend, str) else taskplex_backend.server_class
+        )
+        (tmp_path / "backend.pickle").write_bytes(pickle.dumps(backend))
+        names = [f"exit{i}" for i in range(6)]
+        script = EXIT_SCRIPT.format(
+            tmp=str(tmp_path),
+            calls=[markers.args(name) for name in names],
+            shutdown="executor.shutdown(wait=False)" if ending != "no shutdown" else "pass",
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=2 * bound(),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        done = [name for name in names if markers.has(name, "done")]
+        assert done == names, (
+            f"after the program exited ({ending}), only {done} of the submitted tasks had run"
+        )
+        assert result.stderr == "", f"the program printed at exit:\n{result.stderr}"
 
     # ------------------------------------------------------------------ C12
 

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import pytest
 
 from taskplex import plugins
-from taskplex.conformance import BOUND
 from taskplex.conformance import _tasks as tasks
 from taskplex.conformance._base import (
     EVERY_INSTALLED_BACKEND,
@@ -22,6 +21,7 @@ from taskplex.conformance._base import (
 from taskplex.conformance._support import (
     Markers,
     assert_delivered_once,
+    bound,
     bounded_call,
     collect,
     occupy_every_executor_slot,
@@ -44,7 +44,7 @@ class HookRecorder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.task_events: list[tuple[str, int]] = []
+        self.task_events: list[tuple[str, str]] = []
         self.server_events: list[tuple[str, Server]] = []
 
     def of(self, task: Task) -> list[str]:
@@ -163,7 +163,7 @@ class ObservabilityTests(SuiteBase):
         failed = Task(tasks.raise_failure, ("hooked",))
         failed_future = executor.submit_task(failed)
         markers.release_blockers(blockers)
-        assert isinstance(failed_future.exception(timeout=BOUND), tasks.TaskFailure)
+        assert isinstance(failed_future.exception(timeout=bound()), tasks.TaskFailure)
         bounded_call(executor.shutdown, "Executor.shutdown()")
         for task in [*(future.task for future in blockers), failed]:
             assert hook_recorder.of(task) == RAN, repr(task)
@@ -184,7 +184,7 @@ class ObservabilityTests(SuiteBase):
         root.setLevel(logging.INFO)
         try:
             executor = make_executor()
-            executor.submit(tasks.emit_log_records, name).result(timeout=BOUND)
+            executor.submit(tasks.emit_log_records, name).result(timeout=bound())
             wait_until(
                 lambda: any(m.startswith("holding ") for m in handler.messages()),
                 "the task's log records to reach the caller",

@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-from taskplex.conformance import BOUND
 from taskplex.conformance import _tasks as tasks
 from taskplex.conformance._base import (
     EVERY_INSTALLED_BACKEND,
@@ -15,7 +14,7 @@ from taskplex.conformance._base import (
     Serve,
     SuiteBase,
 )
-from taskplex.conformance._support import await_until, bounded, bounded_call, collect, run
+from taskplex.conformance._support import await_until, bound, bounded, bounded_call, collect, run
 from taskplex.errors import QueueClosed
 from taskplex.results import ResultsQueue
 from taskplex.task import Task, TaskStatus
@@ -60,7 +59,7 @@ class ResultsTests(SuiteBase):
             with pytest.raises(QueueClosed):
                 results.get_nowait()
             with pytest.raises(QueueClosed):
-                results.get_sync(timeout=BOUND)
+                results.get_sync(timeout=bound())
 
         run(scenario())
 

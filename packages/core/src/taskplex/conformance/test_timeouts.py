@@ -3,20 +3,17 @@ or duplicate results)."""
 
 from __future__ import annotations
 
-import os
-import signal
-
-import pytest
-
 from taskplex.conformance import _tasks as tasks
 from taskplex.conformance._base import EVERY_INSTALLED_BACKEND, MakeServer, Serve, SuiteBase
 from taskplex.conformance._support import (
     Markers,
-    ProcessTable,
+    assert_clean,
     assert_delivered_once,
     collect,
     run,
+    warm_up,
 )
+from taskplex.conformance.provider import Leftovers
 from taskplex.conformance.requirements import requires
 from taskplex.errors import TaskTimeout, WorkerLost
 from taskplex.results import ResultsQueue
@@ -24,16 +21,7 @@ from taskplex.server import Capabilities
 from taskplex.task import Task, TaskStatus
 
 TIMEOUT = 0.5
-"""The per-task timeout used here; the tasks it applies to would otherwise wait BOUND seconds."""
-
-
-def _kill(pid: int) -> None:
-    if pid == os.getpid():
-        pytest.fail(
-            "the task ran in the test's own process: a backend that runs tasks in the caller's "
-            "process cannot declare survives_worker_death"
-        )
-    os.kill(pid, signal.SIGKILL)
+"""The per-task timeout used here; the tasks it applies to would otherwise wait bound() seconds."""
 
 
 class TimeoutTests(SuiteBase):
@@ -131,7 +119,7 @@ class TimeoutTests(SuiteBase):
         make_server: MakeServer,
         serve: Serve,
         markers: Markers,
-        process_table: ProcessTable,
+        leftovers: Leftovers,
     ) -> None:
         server = make_server(workers=1)
         results = ResultsQueue()
@@ -145,8 +133,8 @@ class TimeoutTests(SuiteBase):
         async def scenario() -> Task:
             async with serve(server):
                 await server.submit(victim)
-                _kill(await markers.pid("victim", 1))
-                _kill(await markers.pid("victim", 2))
+                await markers.kill_worker("victim", 1)
+                await markers.kill_worker("victim", 2)
                 assert_delivered_once(await collect(results, 1), [victim])
                 after = await server.submit(Task(tasks.echo, ("after",), results_queue=results))
                 await collect(results, 1)
@@ -159,7 +147,43 @@ class TimeoutTests(SuiteBase):
         assert victim.attempts == 2
         assert markers.runs("victim") == 2
         assert after.outcome() == "after"
-        process_table.assert_clean()
+        assert_clean(leftovers)
+
+    @requires("survives_worker_death")
+    def test_tasks_held_by_a_killed_worker_are_delivered_once(
+        self, make_server: MakeServer, serve: Serve, markers: Markers
+    ) -> None:
+        server = make_server(workers=1)
+        results = ResultsQueue()
+        directory = str(markers.directory)
+        victim = Task(
+            tasks.wait_to_be_killed, (directory, "victim", 2), retries=1, results_queue=results
+        )
+
+        async def scenario() -> list[Task]:
+            async with serve(server):
+                await warm_up(server)
+                await server.submit(victim)
+                await markers.worker("victim", 1)
+                # behind the victim: what the backend hands its worker ahead of time, and more
+                behind = [
+                    await server.submit(
+                        Task(tasks.count_run, (directory, f"behind{i}"), results_queue=results)
+                    )
+                    for i in range(2 * server.launch_limit + 2)
+                ]
+                await markers.kill_worker("victim", 1)
+                assert_delivered_once(await collect(results, 1 + len(behind)), [victim, *behind])
+            assert len(results) == 0, "a task held by a killed worker was delivered twice"
+            return behind
+
+        behind = run(scenario())
+        assert victim.status is TaskStatus.SUCCEEDED, repr(victim.exception)
+        assert victim.attempts == 2
+        for i, task in enumerate(behind):
+            assert task.outcome() == f"behind{i}"
+            assert markers.runs(f"behind{i}") == 1, f"behind{i} ran {markers.runs(f'behind{i}')} times"
+            assert task.attempts == 1, "a task its worker never started was counted an attempt"
 
     @requires("survives_worker_death")
     def test_killed_worker_task_is_retried(
@@ -177,7 +201,7 @@ class TimeoutTests(SuiteBase):
         async def scenario() -> None:
             async with serve(server):
                 await server.submit(victim)
-                _kill(await markers.pid("victim", 1))
+                await markers.kill_worker("victim", 1)
                 assert_delivered_once(await collect(results, 1), [victim])
             assert len(results) == 0
 

@@ -1,8 +1,9 @@
-"""The policy ServerBase owns for every backend: retries, timeouts, dependencies, names,
+"""The policy TaskServer owns for every backend: retries, timeouts, dependencies, names,
 cancellation, stopping, the task queue, back-pressure, hooks and resources.
 
-It is exercised through two small backends defined here, one per backend API (``execute`` and
-``launch``/``abort``/``complete``), and through the async backend.
+It is exercised through two small backends defined here — one runs each attempt as a coroutine
+(:class:`~taskplex.backend.CoroutineBackend`), the other leaves every report to the test — and
+through the async backend.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,14 +27,15 @@ from taskplex import (
     Outcome,
     ResourceUnavailable,
     ResultsQueue,
-    ServerBase,
     ServerNotRunning,
     Task,
     TaskCancelled,
+    TaskServer,
     TaskStatus,
     TaskTimeout,
     WorkerLost,
 )
+from taskplex.backend import Attempt, Backend, CoroutineBackend
 from taskplex_async import AsyncServer
 
 BOUND = 30.0
@@ -45,61 +47,102 @@ T = TypeVar("T")
 # ------------------------------------------------------------------------------ test backends
 
 
-class CallServer(ServerBase):
-    """The smallest execute() backend: calls the function on the loop, awaits what it returns."""
+class CallBackend(CoroutineBackend):
+    """The smallest backend: calls the function on the loop, awaits what it returns."""
 
     capabilities = Capabilities(
         cancel_running=True, runs_coroutines=True, resources=frozenset({"cores"})
     )
 
-    async def execute(self, task: Task) -> Any:
+    async def execute(self, attempt: Attempt) -> Any:
+        task = attempt.task
         value = task.function(*task.args, **task.kwargs)
         return await value if inspect.isawaitable(value) else value
 
 
-class FlakyServer(CallServer):
+class CallServer(TaskServer):
+    backend_class = CallBackend
+
+    def __init__(self, *, workers: int = 1, queue_size: int = 0) -> None:
+        super().__init__(CallBackend(), workers=workers, queue_size=queue_size)
+
+
+class FlakyBackend(CallBackend):
     """Loses the worker on the first ``losses`` attempts of every task."""
 
-    def __init__(self, *, losses: int = 1, workers: int = 1, queue_size: int = 0) -> None:
-        super().__init__(workers=workers, queue_size=queue_size)
+    def __init__(self, losses: int) -> None:
+        super().__init__()
         self.losses = losses
 
-    async def execute(self, task: Task) -> Any:
-        if task.attempts <= self.losses:
-            raise WorkerLost(f"worker died during attempt {task.attempts}")
-        return await super().execute(task)
+    async def execute(self, attempt: Attempt) -> Any:
+        if attempt.number <= self.losses:
+            raise WorkerLost(f"worker died during attempt {attempt.number}")
+        return await super().execute(attempt)
 
 
-class ManualServer(ServerBase):
-    """A launch/abort backend whose attempts end only when the test calls ``complete``."""
+def flaky_server(losses: int = 1, workers: int = 1) -> TaskServer:
+    return TaskServer(FlakyBackend(losses), workers=workers)
+
+
+class ManualBackend(Backend):
+    """Attempts start at launch and end only when the test reports them through their handles."""
 
     capabilities = Capabilities(cancel_running=True, resources=frozenset({"cores"}))
 
-    def __init__(self, *, workers: int = 1, queue_size: int = 0) -> None:
-        super().__init__(workers=workers, queue_size=queue_size)
-        self.launched: list[tuple[Task, int]] = []
-        self.aborted: list[int] = []
+    def __init__(self) -> None:
+        self.launched: list[Attempt] = []
+        self.aborted: list[Attempt] = []
 
-    def launch(self, task: Task, token: int) -> None:
-        self.launched.append((task, token))
+    def launch(self, attempts: Sequence[Attempt]) -> None:
+        for attempt in attempts:
+            self.launched.append(attempt)
+            attempt.started()
 
-    def abort(self, task: Task, token: int) -> None:
-        self.aborted.append(token)
-
-    def launched_names(self) -> list[str | None]:
-        return [task.name for task, _ in self.launched]
+    def abort(self, attempt: Attempt) -> None:
+        self.aborted.append(attempt)
 
 
-class UnstoppableServer(ManualServer):
-    """Like ManualServer, but declares that running work cannot be cancelled."""
+class UnstoppableBackend(ManualBackend):
+    """Like ManualBackend, but declares that running work cannot be cancelled."""
 
     capabilities = Capabilities()
+
+
+class ManualServer(TaskServer):
+    """A server on a ManualBackend, with shortcuts to what the backend saw."""
+
+    backend: ManualBackend
+
+    def __init__(self, *, workers: int = 1, queue_size: int = 0, unstoppable: bool = False) -> None:
+        backend = UnstoppableBackend() if unstoppable else ManualBackend()
+        super().__init__(backend, workers=workers, queue_size=queue_size)
+
+    @property
+    def launched(self) -> list[tuple[Task, Attempt]]:
+        return [(attempt.task, attempt) for attempt in self.backend.launched]
+
+    @property
+    def aborted(self) -> list[Attempt]:
+        return self.backend.aborted
+
+    def launched_names(self) -> list[str | None]:
+        return [attempt.task.name for attempt in self.backend.launched]
+
+    @staticmethod
+    def complete(
+        task: Task, attempt: Attempt, *, result: Any = None, error: BaseException | None = None
+    ) -> None:
+        assert attempt.task is task
+        if error is None:
+            attempt.succeeded(result)
+        else:
+            attempt.failed(error)
 
 
 # ------------------------------------------------------------------------------ helpers
 
 
-def serve(server: ServerBase, scenario: Callable[[ServerBase], Awaitable[T]]) -> T:
+def serve(server: TaskServer, scenario: Callable[[TaskServer], Awaitable[T]]) -> T:
     """Run ``scenario(server)`` with the server started in a task group; stop it afterwards."""
 
     async def main() -> T:
@@ -151,19 +194,19 @@ def fails_times(times: int, error: BaseException) -> Callable[[], str]:
 @pytest.mark.parametrize(
     ("make_server", "function"),
     [
-        (FlakyServer, returns("ok")),
+        (flaky_server, returns("ok")),
         # on the async backend the function itself reports the infrastructure error
         (AsyncServer, fails_times(1, WorkerLost("gone"))),
     ],
     ids=["lost-worker", "async-backend"],
 )
 def test_infrastructure_error_is_retried(
-    make_server: Callable[[], ServerBase], function: Callable[[], str]
+    make_server: Callable[[], TaskServer], function: Callable[[], str]
 ) -> None:
     queue = ResultsQueue()
     task = Task(function, retries=1, results_queue=queue)
 
-    async def scenario(server: ServerBase) -> Task:
+    async def scenario(server: TaskServer) -> Task:
         await server.submit(task)
         return (await results(queue, 1))[0]
 
@@ -181,11 +224,11 @@ def test_retries_are_bounded_then_the_infrastructure_error_is_delivered() -> Non
     queue = ResultsQueue()
     task = Task(returns("never"), retries=2, results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         await server.submit(task)
         await results(queue, 1)
 
-    server = FlakyServer(losses=10)
+    server = flaky_server(losses=10)
     serve(server, scenario)
     assert task.status is TaskStatus.FAILED
     assert isinstance(task.exception, WorkerLost)
@@ -198,11 +241,11 @@ def test_without_retries_an_infrastructure_error_fails_the_task() -> None:
     queue = ResultsQueue()
     task = Task(returns("never"), results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         await server.submit(task)
         await results(queue, 1)
 
-    serve(FlakyServer(losses=1), scenario)
+    serve(flaky_server(losses=1), scenario)
     assert isinstance(task.exception, InfrastructureError)
     assert task.attempts == 1
 
@@ -212,7 +255,7 @@ def test_user_errors_are_not_retried_by_default() -> None:
     function = fails_times(1, ValueError("bad input"))
     task = Task(function, retries=3, results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         await server.submit(task)
         await results(queue, 1)
 
@@ -230,7 +273,7 @@ def test_user_errors_are_retried_when_asked() -> None:
         fails_times(2, ValueError("flaky")), retries=2, retry_user_errors=True, results_queue=queue
     )
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         await server.submit(task)
         await results(queue, 1)
 
@@ -246,7 +289,7 @@ def test_stats_count_every_outcome() -> None:
     broken = Task(fails_times(1, KeyError("k")), results_queue=queue)
     dependent = Task(returns(2), depends_on=[broken], results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         for task in (flaky, fine, broken, dependent):
             await server.submit(task)
         await results(queue, 4)
@@ -279,7 +322,7 @@ def test_timeout_fails_the_task_and_cancels_the_coroutine() -> None:
 
     task = Task(slow, timeout=0.05, results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         await server.submit(task)
         await results(queue, 1)
         await until(lambda: bool(seen))
@@ -335,7 +378,7 @@ def test_dependency_chain_runs_in_order() -> None:
     b = Task(recorder(order, "b"), depends_on=[a], results_queue=queue)
     c = Task(recorder(order, "c"), depends_on=[b], results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         for task in (c, b, a)[::-1]:
             await server.submit(task)
         await results(queue, 3)
@@ -353,7 +396,7 @@ def test_diamond_dependencies_run_the_join_last_and_once() -> None:
     right = Task(recorder(order, "right"), depends_on=[top], results_queue=queue)
     join = Task(recorder(order, "join"), depends_on=[left, right], results_queue=queue)
 
-    async def scenario(server: ServerBase) -> list[Task]:
+    async def scenario(server: TaskServer) -> list[Task]:
         for task in (top, left, right, join):
             await server.submit(task)
         return await results(queue, 4)
@@ -372,7 +415,7 @@ def test_failed_dependency_cancels_its_dependents_transitively() -> None:
     child = Task(recorder(order, "child"), depends_on=[broken], results_queue=queue)
     grandchild = Task(recorder(order, "grandchild"), depends_on=[child], results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         for task in (broken, child, grandchild):
             await server.submit(task)
         await results(queue, 3)
@@ -394,7 +437,7 @@ def test_cancelled_dependency_cancels_its_dependent() -> None:
     withdrawn.cancel()
     dependent = Task(recorder(order, "dependent"), depends_on=[withdrawn], results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         await server.submit(dependent)
         await results(queue, 1)
 
@@ -408,7 +451,7 @@ def test_dependency_not_submitted_to_this_server_is_rejected() -> None:
     stranger = Task(returns(1), name="stranger")
     dependent = Task(returns(2), depends_on=[stranger])
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         with pytest.raises(ValueError, match="which was not submitted to this server") as info:
             await server.submit(dependent)
         assert "stranger" in str(info.value)
@@ -427,7 +470,7 @@ def test_duplicate_name_fails_only_that_submission() -> None:
     first = Task(returns(1), name="sweep-1", results_queue=queue)
     again = Task(returns(2), name="sweep-1", results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         await server.submit(first)
         with pytest.raises(DuplicateTaskName, match="'sweep-1'"):
             await server.submit(again)
@@ -442,13 +485,13 @@ def test_duplicate_name_fails_only_that_submission() -> None:
 def test_names_stay_reserved_until_the_server_stops() -> None:
     queue = ResultsQueue()
 
-    async def finished_then_reused(server: ServerBase) -> None:
+    async def finished_then_reused(server: TaskServer) -> None:
         await server.submit(Task(returns(1), name="unique", results_queue=queue))
         await results(queue, 1)
         with pytest.raises(DuplicateTaskName):
             await server.submit(Task(returns(2), name="unique"))
 
-    async def after_restart(server: ServerBase) -> None:
+    async def after_restart(server: TaskServer) -> None:
         await server.submit(Task(returns(3), name="unique", results_queue=queue))
         assert (await results(queue, 1))[0].result == 3
 
@@ -496,6 +539,8 @@ def test_cancel_from_another_thread() -> None:
         await until(lambda: len(server.launched) == 1)
         assert await asyncio.to_thread(waiting.cancel) is True
         assert (await results(queue, 1))[0] is waiting
+        server.complete(running, server.launched[0][1], result=1)
+        await results(queue, 1)
 
     server = ManualServer(workers=1)
     serve(server, scenario)  # type: ignore[arg-type]
@@ -537,7 +582,7 @@ def test_running_task_of_a_backend_without_cancel_running_runs_to_its_end() -> N
         server.complete(task, server.launched[0][1], result="done")
         await results(queue, 1)
 
-    server = UnstoppableServer()
+    server = ManualServer(unstoppable=True)
     serve(server, scenario)  # type: ignore[arg-type]
     assert server.aborted == []
     assert task.status is TaskStatus.SUCCEEDED
@@ -548,7 +593,7 @@ def test_cancelling_a_finished_task_does_nothing() -> None:
     queue = ResultsQueue()
     task = Task(returns(1), results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         await server.submit(task)
         await results(queue, 1)
         assert task.cancel() is False
@@ -626,7 +671,11 @@ def test_stop_cancels_running_and_queued_work() -> None:
             for task in (running, queued, parked):
                 await server.submit(task)
             await until(lambda: len(server.launched) == 1)
-            await asyncio.wait_for(server.stop(), BOUND)
+            stopping = asyncio.ensure_future(server.stop())
+            await until(lambda: len(server.aborted) == 1)
+            assert not stopping.done(), "stop waits until the backend reports the aborted attempt"
+            server.aborted[0].failed(TaskCancelled("stopped"))
+            await asyncio.wait_for(stopping, BOUND)
             await asyncio.wait_for(server.stop(), BOUND)
             server.cancel()
             assert not server.is_running()
@@ -668,7 +717,7 @@ def test_stop_with_wait_lets_queued_work_finish() -> None:
 def test_a_stopped_server_starts_again() -> None:
     queue = ResultsQueue()
 
-    async def run_one(server: ServerBase) -> Any:
+    async def run_one(server: TaskServer) -> Any:
         await server.submit(Task(returns("again"), results_queue=queue))
         return (await results(queue, 1))[0].result
 
@@ -679,7 +728,7 @@ def test_a_stopped_server_starts_again() -> None:
 
 
 def test_starting_a_running_server_fails() -> None:
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         assert server.task_group is not None
         with pytest.raises(RuntimeError, match="already running"):
             await server.start(server.task_group)
@@ -689,15 +738,15 @@ def test_starting_a_running_server_fails() -> None:
 
 
 def test_a_server_whose_startup_fails_can_be_stopped_and_started_again() -> None:
-    class FlakyStart(CallServer):
+    class FlakyStart(CallBackend):
         failures = 1
 
-        async def startup(self) -> None:
+        async def start(self, context: Any) -> None:
             if FlakyStart.failures:
                 FlakyStart.failures -= 1
                 raise OSError("no workers today")
 
-    server = FlakyStart()
+    server = TaskServer(FlakyStart())
 
     async def main() -> None:
         async with asyncio.TaskGroup() as task_group:
@@ -749,7 +798,7 @@ def test_tasks_put_directly_on_the_task_queue_run() -> None:
     queue = ResultsQueue()
     tasks = [Task(returns(n), results_queue=queue) for n in range(3)]
 
-    async def scenario(server: ServerBase) -> list[Task]:
+    async def scenario(server: TaskServer) -> list[Task]:
         for task in tasks:
             await server.task_queue.put(task)
         return await results(queue, 3)
@@ -768,7 +817,7 @@ def test_invalid_task_on_the_task_queue_is_delivered_failed() -> None:
     greedy = Task(returns(3), resources={"gpus": 1}, results_queue=queue)
     later = Task(returns(4), results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         await server.submit(first)
         await results(queue, 1)
         for task in (twin, greedy, later):
@@ -848,12 +897,12 @@ class ServerEvents:
         self.events: list[str] = []
 
     @taskplex.hookimpl
-    def taskplex_server_started(self, server: ServerBase) -> None:
+    def taskplex_server_started(self, server: TaskServer) -> None:
         assert server.is_running()
         self.events.append("started")
 
     @taskplex.hookimpl
-    def taskplex_server_stopped(self, server: ServerBase) -> None:
+    def taskplex_server_stopped(self, server: TaskServer) -> None:
         assert not server.is_running()
         self.events.append("stopped")
 
@@ -868,7 +917,7 @@ def test_task_hooks_fire_once_each_in_order(register_plugin: Callable[[Any], Non
     cancelled_queued = Task(returns(2), name="cancelled-queued", results_queue=queue)
     dependent = Task(returns(3), name="dependent", depends_on=[fails], results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         for task in (succeeds, fails, dependent):
             await server.submit(task)
         await results(queue, 3)
@@ -894,7 +943,7 @@ def test_server_hooks_fire_once_per_start_and_stop(
     events = ServerEvents()
     register_plugin(events)
 
-    async def nothing(server: ServerBase) -> None:
+    async def nothing(server: TaskServer) -> None:
         assert events.events[-1] == "started"
 
     server = CallServer()
@@ -929,7 +978,7 @@ def test_lookup_outcome_skips_execution(register_plugin: Callable[[Any], None], 
     bad = Task(touch, (tmp_path / "bad",), name="known-bad", results_queue=queue)
     fresh = Task(touch, (tmp_path / "fresh",), name="fresh", results_queue=queue)
 
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         for task in (cached, bad, fresh):
             await server.submit(task)
         await results(queue, 3)
@@ -984,7 +1033,7 @@ def test_a_plugin_raising_in_a_hook_does_not_break_the_server(
     register_plugin(BrokenPlugin())
     queue = ResultsQueue()
 
-    async def scenario(server: ServerBase) -> list[Any]:
+    async def scenario(server: TaskServer) -> list[Any]:
         for n in range(3):
             await server.submit(Task(returns(n), results_queue=queue))
         return sorted(task.result for task in await results(queue, 3))
@@ -1007,12 +1056,12 @@ def test_task_hooks_are_looked_up_when_the_server_starts(
     before = Task(returns(1), name="before-restart", results_queue=queue)
     after = Task(returns(2), name="after-restart", results_queue=queue)
 
-    async def register_then_run(server: ServerBase) -> None:
+    async def register_then_run(server: TaskServer) -> None:
         register_plugin(events)
         await server.submit(before)
         await results(queue, 1)
 
-    async def run(server: ServerBase) -> None:
+    async def run(server: TaskServer) -> None:
         await server.submit(after)
         await results(queue, 1)
 
@@ -1027,7 +1076,7 @@ def test_task_hooks_are_looked_up_when_the_server_starts(
 
 
 def test_resources_beyond_the_backend_are_rejected_at_submit() -> None:
-    async def scenario(server: ServerBase) -> None:
+    async def scenario(server: TaskServer) -> None:
         with pytest.raises(ResourceUnavailable, match=r"resources\.gpus=1") as info:
             await server.submit(Task(returns(1), resources={"gpus": 1}))
         assert "cores" in str(info.value), "names the resources it honours"
