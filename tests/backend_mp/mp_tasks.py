@@ -96,3 +96,29 @@ def start_grandchild(directory: str) -> int:
     scratch.rename(Path(directory) / "grandchild.pid")
     time.sleep(BOUND)
     return child.pid
+
+
+def _refuse_to_load(how: str) -> None:
+    if how == "exit":
+        raise SystemExit(4)
+    raise ValueError("this result cannot be rebuilt here")
+
+
+class Unloadable:
+    """Pickles fine, but raises (or exits) whenever it is unpickled."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_refuse_to_load, (self.how,))
+
+
+def return_unloadable(directory: str, how: str) -> Unloadable:
+    record_run(Path(directory), "unloadable")
+    return Unloadable(how)
+
+
+def append_to(proxy: list[int], value: int) -> int:
+    proxy.append(value)
+    return len(proxy)

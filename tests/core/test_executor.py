@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -373,3 +374,48 @@ def test_no_thread_is_left_behind_after_cancel_futures() -> None:
     gate.opened.set()
     executor.shutdown(wait=True, cancel_futures=True)
     assert set(threading.enumerate()) == before
+
+
+# ------------------------------------------------------------------------------ callbacks, map
+
+
+def test_a_done_callback_waiting_for_another_future_does_not_stall_the_executor() -> None:
+    gate = Gate()
+    seen: list[Any] = []
+    with Executor("async", workers=2) as executor:
+        later = executor.submit(gate.pass_through, "later")
+        first = executor.submit(square, 3)
+        first.add_done_callback(lambda _: seen.append(later.result(timeout=BOUND)))
+        gate.wait_for_arrival()
+        quick = executor.submit(square, 4)
+        assert quick.result(timeout=5) == 16, "the executor stalled behind a blocking callback"
+        gate.opened.set()
+        wait_until(lambda: seen == ["later"])
+
+
+def test_chunked_map_awaits_a_coroutine_function() -> None:
+    async def double(x: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * x
+
+    with Executor("async", workers=2) as executor:
+        assert list(executor.map(double, range(10), chunksize=3)) == [2 * x for x in range(10)]
+
+
+def test_waiting_for_a_future_on_the_executors_own_loop_fails_at_once() -> None:
+    async def waits_blocking(executor: Executor) -> Any:
+        return executor.submit(square, 2).result(timeout=BOUND)
+
+    with Executor("async", workers=2) as executor:
+        with pytest.raises(RuntimeError, match="would deadlock"):
+            executor.submit(waits_blocking, executor).result(timeout=BOUND)
+
+
+def test_a_dropped_executor_finishes_its_work_and_releases_its_threads() -> None:
+    before = set(threading.enumerate())
+    executor = Executor("async", workers=2)
+    future = executor.submit(square, 6)
+    del executor
+    gc.collect()
+    assert future.result(timeout=BOUND) == 36
+    wait_until(lambda: set(threading.enumerate()) == before)

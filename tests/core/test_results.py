@@ -283,3 +283,18 @@ def test_async_iteration_ends_when_the_queue_is_closed() -> None:
         return await asyncio.wait_for(collecting, BOUND)
 
     assert asyncio.run(main()) == ["a", "b"]
+
+
+def test_cancelled_readers_leave_no_waiters_behind() -> None:
+    queue = ResultsQueue()
+
+    async def scenario() -> None:
+        for _ in range(200):
+            reader = asyncio.ensure_future(queue.get())
+            await asyncio.sleep(0)
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+        assert queue._async_waiters == [], "cancelled readers pile up"
+
+    asyncio.run(scenario())

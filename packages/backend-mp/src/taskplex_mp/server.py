@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import multiprocessing
 import os
 import pickle
 import signal
@@ -175,7 +176,12 @@ class MultiprocessingBackend(Backend):
         self._depth = 1
         self._reset(stopping=False)
         loop = self._running_loop()
-        self._config = {"sys_path": list(sys.path), "log_levels": logger_levels()}
+        self._config = {
+            "sys_path": list(sys.path),
+            "log_levels": logger_levels(),
+            # arguments such as multiprocessing.Manager proxies authenticate with the caller's key
+            "authkey": bytes(multiprocessing.current_process().authkey),
+        }
         self._all_ready = loop.create_future()
         try:
             if self.start_method == "forkserver":
@@ -432,7 +438,9 @@ class MultiprocessingBackend(Backend):
                 error = None
             else:
                 result, error = None, restore_exception(loads(body))
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit from a __reduce__ fails this task, not the server
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             result, error = (
                 None,
                 ResultUnreadable(f"the outcome of {attempt.task!r} cannot be unpickled here: {exc!r}"),

@@ -143,6 +143,9 @@ class _Worker:
             if self.closed:
                 return False
         sys.path[:] = self.config["sys_path"]
+        import multiprocessing
+
+        multiprocessing.current_process().authkey = self.config["authkey"]
         # whole lines reach the caller's stdout at once, and a killed task's output is not lost
         if isinstance(sys.stdout, io.TextIOWrapper):
             sys.stdout.reconfigure(line_buffering=True)
@@ -212,7 +215,7 @@ def execute(token: int, payload: bytes) -> bytes:
         (length,) = SIZE.unpack_from(payload)
         function = loads_function(payload[SIZE.size : SIZE.size + length])
         args, kwargs = loads_arguments(payload[SIZE.size + length :])
-    except Exception as exc:
+    except BaseException as exc:  # even SystemExit from an argument's unpickling fails the task only
         error = SerializationError(
             f"the worker (pid {os.getpid()}) could not unpickle the task: {type(exc).__name__}: {exc}"
         )
@@ -227,6 +230,10 @@ def execute(token: int, payload: bytes) -> bytes:
             kind, body = RESULT, dumps_result(result)
         except SerializationError as exc:
             kind, body = ERROR, dumps_exception(exc)
+        except BaseException as exc:  # SystemExit from a result's __reduce__, say
+            error = SerializationError(f"cannot pickle the task's result: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            kind, body = ERROR, dumps_exception(error)
     return frame(kind, token, SECONDS.pack(time.perf_counter() - started) + body)
 
 

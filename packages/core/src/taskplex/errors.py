@@ -15,7 +15,9 @@ replaced by :class:`UnpicklableError`, which keeps its type name, message and tr
 
 from __future__ import annotations
 
+import linecache
 import pickle
+import re
 import traceback
 from concurrent.futures import CancelledError as _FuturesCancelledError
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ __all__ = [
     "WorkerLost",
     "capture_exception",
     "restore_exception",
+    "with_source_lines",
 ]
 
 
@@ -198,7 +201,9 @@ def capture_exception(exc: BaseException) -> ExceptionPayload:
         data = pickle.dumps(exc)
         pickle.loads(data)  # some exceptions pickle but cannot be rebuilt (bad __init__)
         pickled = data
-    except Exception:
+    except BaseException as error:  # a __reduce__ raising SystemExit spoils only the pickle
+        if isinstance(error, KeyboardInterrupt):
+            raise
         pickled = None
     return ExceptionPayload(pickled, type_name, str(exc), tb)
 
@@ -209,9 +214,36 @@ def restore_exception(payload: ExceptionPayload) -> BaseException:
     if payload.pickled is not None:
         try:
             exc = pickle.loads(payload.pickled)
-        except Exception:
-            exc = None  # its type exists only where it was raised (a module the caller lacks)
+        except BaseException as error:  # its type exists only where it was raised, say
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            exc = None
     if exc is None:
         exc = UnpicklableError(payload.type_name, payload.message)
-    exc.__cause__ = RemoteTraceback(f'\n"""\n{payload.traceback}"""')
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{with_source_lines(payload.traceback)}"""')
     return exc
+
+
+_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in ')
+
+
+def with_source_lines(text: str) -> str:
+    """Fill in the source lines a remote traceback lacks, from the files of this machine.
+
+    A worker on another machine may not have the caller's script; this machine does, so frames of
+    its functions show their source here as they would have in a local traceback.
+    """
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    for index, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME.match(line)
+        if match is None:
+            continue
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        if following.startswith("    "):
+            continue  # the worker had the source
+        source = linecache.getline(match["file"], int(match["line"])).strip()
+        if source:
+            out.append(f"    {source}\n")
+    return "".join(out)

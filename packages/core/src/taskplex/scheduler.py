@@ -426,7 +426,7 @@ class TaskServer(Server):
             )
             self._call_on_loop(self._on_over, attempt, state, None, error, None)
         else:
-            self._call_on_loop(self._on_over, attempt, state, None, None, None, True)
+            self._call_on_loop(self._on_given_back, attempt)
 
     def _on_started(self, attempt: Attempt, worker: str | None) -> None:
         if attempt._started_here:
@@ -716,8 +716,11 @@ class TaskServer(Server):
             return
         try:
             self.backend.abort(attempt)
-        except Exception:
+        except Exception as exc:
+            # The backend lost track of it: count it over, so that nothing waits for it forever.
             logger.exception("%s.abort() failed for %r", type(self.backend).__name__, attempt)
+            error = BackendError(f"{type(self.backend).__name__}.abort() failed: {exc}")
+            self._attempt_over(attempt, None, error, None)
 
     # ================================================================== finishing
 

@@ -6,9 +6,11 @@ otherwise: lambdas, closures, locally defined functions, and anything defined in
 a worker process does not have, or has without the definitions made under its
 ``if __name__ == "__main__":`` block), all of which cloudpickle sends by value.
 
-Functions are pickled once and cached, by the function object, so a million submits of the same
-function cost one cloudpickle call; a by-value function therefore carries the values of the globals
-and closure cells it uses as they were when it was first submitted. The loading side caches the
+A function that travels by reference (an importable module's function) is pickled once and cached,
+so a million submits of it cost one pickle call. A function that travels by value is pickled again
+at every submit (some 15 µs), so that it carries the globals and closure cells it uses as they are
+at that moment, exactly as a call in this process would see them; only one that uses no globals,
+closure cells or default values (``lambda x: 2 * x``) is cached. The loading side caches the
 functions it rebuilt, by their bytes.
 
 Anything that cannot be pickled raises :class:`~taskplex.errors.SerializationError` naming the
@@ -17,11 +19,12 @@ object: the function, argument ``i``, keyword argument ``k``, or the result, wit
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import cloudpickle
@@ -57,21 +60,34 @@ loads = pickle.loads
 
 def dumps(obj: Any, what: str) -> bytes:
     """Pickle ``obj`` with pickle, or cloudpickle where needed; ``what`` names it in errors."""
+    return _dumps(obj, what)[0]
+
+
+def _dumps(obj: Any, what: str) -> tuple[bytes, bool]:
+    """The pickle of ``obj``, and whether it went by value (cloudpickle)."""
     data: bytes | None
     try:
         data = pickle.dumps(obj, PROTOCOL)
-    except Exception:
+    except BaseException as exc:  # even SystemExit from a __reduce__ fails only this pickle
+        _reraise_interrupt(exc)
         data = None
     # a reference to __main__ would be looked up in the worker's own __main__ and not be found
     if data is not None and _MAIN not in data:
-        return data
+        return data, False
     try:
         by_value: bytes = cloudpickle.dumps(obj, PROTOCOL)
-    except Exception as exc:
+    except BaseException as exc:
+        _reraise_interrupt(exc)
         if data is not None:
-            return data
+            return data, False
         raise SerializationError(f"cannot pickle {what}: {_describe(obj)}: {_reason(exc)}") from exc
-    return by_value
+    return by_value, True
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """Ctrl-C while pickling interrupts the caller; anything else only fails the pickle."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
 
 
 class _FunctionCache:
@@ -100,14 +116,14 @@ _loaded_functions = _FunctionCache()
 
 
 def dumps_function(function: Callable[..., Any]) -> bytes:
-    """Pickle a task's function; the same bytes object is returned for the same function."""
+    """Pickle a task's function (cached where that cannot change what the worker runs)."""
     cacheable = type(function) in _CACHEABLE
     if cacheable:
         data: bytes | None = _pickled_functions.get(function)
         if data is not None:
             return data
     try:
-        data = dumps(function, f"the task's function {_name_of(function)}")
+        data, by_value = _dumps(function, f"the task's function {_name_of(function)}")
     except SerializationError as exc:
         culprit = _culprit_in_function(function)
         if culprit is None:
@@ -117,9 +133,93 @@ def dumps_function(function: Callable[..., Any]) -> bytes:
             f"cannot pickle the task's function {_name_of(function)}: its {label} holds "
             f"{_describe(value)}: {reason}"
         ) from exc
-    if cacheable and len(data) <= _CACHE_MAX_BYTES:
+    if by_value:
+        locations = _code_locations(function)
+        if locations:
+            data = pickle.dumps((_LOCATED, data, locations), PROTOCOL)
+    if cacheable and len(data) <= _CACHE_MAX_BYTES and (not by_value or _stateless(function)):
+        # by reference, or by value with nothing in it that could change before the next submit
         _pickled_functions.put(function, data)
     return data
+
+
+_LOCATED = "taskplex: a function sent by value, with where its code was written"
+_DYNAMIC = "<dynamic-code>"
+
+CodeLocations = dict[tuple[str, int], str]
+"""Where each code object of a function sent by value was written: (name, first line) -> file."""
+
+
+def _by_value_functions(function: types.FunctionType) -> Iterator[types.FunctionType]:
+    """The function and the functions it takes along by value (globals of its module, cells)."""
+    seen: set[int] = set()
+    todo = [function]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        namespace = current.__globals__
+        for code in _codes(current.__code__):
+            for name in code.co_names:
+                value = namespace.get(name)
+                if isinstance(value, types.FunctionType) and value.__globals__ is namespace:
+                    todo.append(value)
+        for cell in current.__closure__ or ():
+            with contextlib.suppress(ValueError):
+                if isinstance(cell.cell_contents, types.FunctionType):
+                    todo.append(cell.cell_contents)
+
+
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+def _code_locations(function: Callable[..., Any]) -> CodeLocations:
+    """Where the code a by-value function takes along was written (cloudpickle drops it)."""
+    if not isinstance(function, types.FunctionType):
+        return {}
+    return {
+        (code.co_name, code.co_firstlineno): code.co_filename
+        for each in _by_value_functions(function)
+        for code in _codes(each.__code__)
+        if not code.co_filename.startswith("<")
+    }
+
+
+def _relocate(function: Callable[..., Any], locations: CodeLocations) -> None:
+    """Give the code of a function loaded by value its file names back, for its tracebacks."""
+    if not isinstance(function, types.FunctionType):
+        return
+
+    def relocated(code: types.CodeType) -> types.CodeType:
+        consts = tuple(relocated(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+        filename = locations.get((code.co_name, code.co_firstlineno), code.co_filename)
+        return code.replace(co_filename=filename, co_consts=consts)
+
+    for each in list(_by_value_functions(function)):
+        if each.__code__.co_filename == _DYNAMIC:
+            each.__code__ = relocated(each.__code__)
+
+
+def _stateless(function: Callable[..., Any]) -> bool:
+    """Whether a function sent by value takes no state along: no globals, cells or defaults."""
+    if not isinstance(function, types.FunctionType):
+        return False
+    if function.__closure__ or function.__defaults__ or function.__kwdefaults__:
+        return False
+    namespace = function.__globals__
+    codes = [function.__code__]
+    while codes:
+        code = codes.pop()
+        if any(name in namespace for name in code.co_names):
+            return False
+        codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+    return True
 
 
 def dumps_arguments(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
@@ -145,7 +245,8 @@ def dumps_result(value: Any) -> bytes:
     """Pickle a task's result (worker side); SerializationError names its type."""
     try:
         return pickle.dumps(value, PROTOCOL)
-    except Exception:
+    except BaseException as exc:
+        _reraise_interrupt(exc)
         return dumps(value, "the task's result")
 
 
@@ -160,8 +261,8 @@ def dumps_exception(exc: BaseException) -> bytes:
         try:
             data = cloudpickle.dumps(exc, PROTOCOL)
             pickle.loads(data)
-        except Exception:
-            pass
+        except BaseException as error:
+            _reraise_interrupt(error)
         else:
             payload = ExceptionPayload(data, payload.type_name, payload.message, payload.traceback)
     return pickle.dumps(payload, PROTOCOL)
@@ -172,6 +273,10 @@ def loads_function(data: bytes) -> Callable[..., Any]:
     function: Callable[..., Any] | None = _loaded_functions.get(data)
     if function is None:
         function = pickle.loads(data)
+        if type(function) is tuple and len(function) == 3 and function[0] == _LOCATED:
+            _, inner, locations = function
+            function = pickle.loads(inner)
+            _relocate(function, locations)
         if len(data) <= _CACHE_MAX_BYTES:
             _loaded_functions.put(data, function)
     return function
@@ -218,7 +323,8 @@ def _culprit_in_function(function: Callable[..., Any]) -> tuple[str, Any, str] |
     for label, value in candidates:
         try:
             cloudpickle.dumps(value, PROTOCOL)
-        except Exception as exc:
+        except BaseException as exc:
+            _reraise_interrupt(exc)
             return label, value, _reason(exc)
     return None
 
