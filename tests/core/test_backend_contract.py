@@ -97,7 +97,7 @@ def test_an_unexpected_error_in_prepare_fails_only_that_task() -> None:
     async def scenario(task_group: asyncio.TaskGroup) -> tuple[Task, Task]:
         server = TaskServer(PrepareFails())
         await server.start(task_group)
-        with pytest.raises(BackendError, match="prepare.*cannot prepare this one"):
+        with pytest.raises(BackendError, match=r"prepare.*cannot prepare this one"):
             await server.submit(Task(abs, (-1,), name="bad"))
         put_directly = Task(abs, (-2,), name="bad", results_queue=results)
         await server.task_queue.put(put_directly)
@@ -203,7 +203,7 @@ def test_run_blocking_is_bounded() -> None:
         context = BackendContext(server)
         await server.start(task_group)
         release = threading.Event()
-        with pytest.raises(BackendError, match="did not return within 0.05 s"):
+        with pytest.raises(BackendError, match=r"did not return within 0\.05 s"):
             await context.run_blocking(release.wait, 5, timeout=0.05)
         release.set()
         assert await context.run_blocking(sum, [1, 2], timeout=BOUND) == 3

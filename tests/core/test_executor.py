@@ -406,9 +406,8 @@ def test_waiting_for_a_future_on_the_executors_own_loop_fails_at_once() -> None:
     async def waits_blocking(executor: Executor) -> Any:
         return executor.submit(square, 2).result(timeout=BOUND)
 
-    with Executor("async", workers=2) as executor:
-        with pytest.raises(RuntimeError, match="would deadlock"):
-            executor.submit(waits_blocking, executor).result(timeout=BOUND)
+    with Executor("async", workers=2) as executor, pytest.raises(RuntimeError, match="would deadlock"):
+        executor.submit(waits_blocking, executor).result(timeout=BOUND)
 
 
 def test_a_dropped_executor_finishes_its_work_and_releases_its_threads() -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -151,3 +152,57 @@ def test_registering_the_same_class_twice_is_harmless(
 
 def test_the_register_plugin_fixture_cleaned_up_after_itself() -> None:
     assert "echo" not in [info.name for info in taskplex.backends()]
+
+
+# ------------------------------------------------------------------------------ broken plugins
+
+MISSPELT = """
+import taskplex
+
+@taskplex.hookimpl
+def taskplex_registr_servers(register):
+    register("misspelt", object)
+"""
+
+
+def install_fake_plugins(site: Path) -> None:
+    """Two broken plugins as installed distributions would be: a misspelt hook, an import error."""
+    (site / "misspelt_plugin.py").write_text(MISSPELT)
+    (site / "crashing_plugin.py").write_text("raise ImportError('libfoo.so: cannot open')\n")
+    for dist, module in (("misspelt", "misspelt_plugin"), ("crashing", "crashing_plugin")):
+        info = site / f"taskplex_{dist}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: taskplex-{dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[taskplex]\n{dist} = {module}\n")
+
+
+def test_broken_plugins_are_reported_and_the_others_still_load(tmp_path: Path) -> None:
+    install_fake_plugins(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    listing = subprocess.run(
+        [sys.executable, "-m", "taskplex.cli", "backends"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines()}
+    assert "did you mean 'taskplex_register_servers'" in lines["misspelt"]
+    assert "BROKEN" in lines["misspelt"]
+    assert "libfoo.so: cannot open" in lines["crashing"]
+    assert "mp" in lines, "a broken plugin must not stop the other backends from loading"
+    code = (
+        "import taskplex\n"
+        "with taskplex.Executor('async') as ex: print(ex.submit(abs, -4).result(timeout=30))\n"
+        "try:\n"
+        "    taskplex.Executor('misspelt')\n"
+        "except taskplex.UnknownBackend as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.splitlines()[0] == "4"
+    assert "'misspelt' is installed (taskplex-misspelt) but broken" in result.stdout
+    assert "misspelt" in result.stderr, "loading a broken plugin is logged, naming it"

@@ -273,7 +273,7 @@ def loads_function(data: bytes) -> Callable[..., Any]:
     function: Callable[..., Any] | None = _loaded_functions.get(data)
     if function is None:
         function = pickle.loads(data)
-        if type(function) is tuple and len(function) == 3 and function[0] == _LOCATED:
+        if type(function) is tuple and function[0] == _LOCATED:
             _, inner, locations = function
             function = pickle.loads(inner)
             _relocate(function, locations)
