@@ -43,7 +43,7 @@ def test_async_backend_is_discovered_with_its_distribution_and_capabilities() ->
     info = infos["async"]
     assert info.server_class is AsyncServer
     assert info.distribution == "taskplex-backend-async"
-    assert info.version == "0.1.0"
+    assert info.version == "0.2.0"
     assert info.capabilities == AsyncServer.backend_class.capabilities
     assert info.capabilities.runs_coroutines
 
@@ -206,3 +206,9 @@ def test_broken_plugins_are_reported_and_the_others_still_load(tmp_path: Path) -
     assert result.stdout.splitlines()[0] == "4"
     assert "'misspelt' is installed (taskplex-misspelt) but broken" in result.stdout
     assert "misspelt" in result.stderr, "loading a broken plugin is logged, naming it"
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    import importlib.metadata
+
+    assert taskplex.__version__ == importlib.metadata.version("taskplex-core")
