@@ -61,7 +61,7 @@ def server(n: int, workers: int, plugin: bool) -> float:
             pm.unregister(hooks)
 
 
-async def _through_server(server: taskplex.ServerBase, n: int) -> float:
+async def _through_server(server: taskplex.TaskServer, n: int) -> float:
     results = ResultsQueue()
     async with asyncio.TaskGroup() as task_group:
         await server.start(task_group)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import gc
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -418,3 +421,140 @@ def test_a_dropped_executor_finishes_its_work_and_releases_its_threads() -> None
     gc.collect()
     assert future.result(timeout=BOUND) == 36
     wait_until(lambda: set(threading.enumerate()) == before)
+
+
+# ------------------------------------------------------------------------------ drop-in behaviour
+
+
+def fail_now() -> None:
+    raise ValueError("head of the chain")
+
+
+def test_a_failed_head_cancels_a_chain_of_ten_thousand_and_shutdown_is_normal() -> None:
+    with Executor("async", workers=2) as executor:
+        head = executor.submit_task(Task(fail_now))
+        tasks = [head.task]
+        for _ in range(10_000):
+            tasks.append(executor.submit_task(Task(abs, (-1,), depends_on=[tasks[-1]])).task)
+    assert tasks[0].status is taskplex.TaskStatus.FAILED
+    assert all(task.status is taskplex.TaskStatus.CANCELLED for task in tasks[1:])
+    last = tasks[-1].exception
+    assert isinstance(last, taskplex.DependencyFailed)
+    assert "head of the chain" in str(last.__cause__), "the error names why the chain failed"
+    assert len(str(last)) < 1000, "the message does not grow with the chain"
+
+
+@pytest.mark.parametrize("backend", ["async", "mp"])
+def test_bad_worker_counts_raise_value_error_with_a_message(backend: str) -> None:
+    for workers in (0, -1):
+        with pytest.raises(ValueError, match=f"workers must be an int >= 1, got {workers}"):
+            Executor(backend, workers=workers)
+
+
+@pytest.mark.parametrize("backend", ["mp", "thread"])
+def test_a_coroutine_function_is_refused_where_coroutines_do_not_run(backend: str) -> None:
+    async def fetch() -> int:
+        return 1
+
+    with Executor(backend, workers=1) as executor:
+        with pytest.raises(InvalidOption, match=r"coroutine function.*run coroutines: async"):
+            executor.submit(fetch)
+        assert executor.submit(square, 3).result(timeout=BOUND) == 9
+
+
+@pytest.mark.parametrize("backend", ["async", "mp"])
+def test_interrupts_landing_anywhere_in_submit_and_map_lose_nothing(backend: str) -> None:
+    """Ctrl-C at any point inside submit() or map(): every submission ends, none stays pending."""
+
+    armed = [False]
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if armed[0]:  # only inside submit() and map(), and once per arming
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    futures: list[cf.Future[Any]] = []
+    interrupted = 0
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    executor = Executor(backend, workers=2)
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                armed[0] = True
+                futures.append(executor.submit(abs, -len(futures)))
+                futures.extend(executor.map(abs, range(-3, 0)))  # consumes results too
+                armed[0] = False
+            except KeyboardInterrupt:
+                interrupted += 1
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert interrupted > 10, "the test did not interrupt submit often enough to mean anything"
+    done = threading.Thread(target=executor.shutdown)
+    done.start()
+    done.join(BOUND)
+    assert not done.is_alive(), "an interrupted submit left a task pending forever"
+    after = Executor(backend, workers=1)
+    assert after.submit(abs, -5).result(timeout=BOUND) == 5
+    after.shutdown()
+    for future in futures:
+        if isinstance(future, cf.Future):
+            assert future.done()
+
+
+INTERRUPTED_SCRIPT = """
+import os, sys, time, taskplex
+
+def hold(directory):
+    open(os.path.join(directory, "started"), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(directory, "release")):
+        if time.monotonic() > deadline:
+            return "never released"
+        time.sleep(0.01)
+    return "released"
+
+if __name__ == "__main__":
+    with taskplex.Executor(sys.argv[1], workers=1) as ex:
+        running = ex.submit(hold, sys.argv[2])
+        queued = ex.submit(hold, sys.argv[2] + "-never")
+        while not os.path.exists(os.path.join(sys.argv[2], "started")):
+            time.sleep(0.01)
+        print("ready", flush=True)
+        time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("backend", ["async", "mp"])
+def test_a_first_ctrl_c_says_what_is_waited_for_and_a_second_cancels_it(
+    backend: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_SCRIPT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), backend, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "ready\n"
+        process.send_signal(signal.SIGINT)
+        wait_until((tmp_path / "started").exists)
+        time.sleep(0.5)
+        assert process.poll() is None, "the first Ctrl-C waits for the running task"
+        if backend == "mp":
+            process.send_signal(signal.SIGINT)  # the second one cancels it
+        else:
+            (tmp_path / "release").touch()  # a thread cannot be cancelled: let it end
+        _, stderr = process.communicate(timeout=BOUND)
+    finally:
+        process.kill()
+    assert "waiting for 1 running task(s)" in stderr, stderr
+    assert "Press Ctrl-C again to cancel" in stderr
+    assert process.returncode != 0
+    assert not (tmp_path.parent / f"{tmp_path.name}-never" / "started").exists()

@@ -302,6 +302,7 @@ def test_stats_count_every_outcome() -> None:
         "failed": 1,
         "cancelled": 1,
         "retried": 1,
+        "running": 0,
     }
 
 

@@ -19,12 +19,11 @@ before its thread picked it up is withdrawn: ``attempt.started()`` then says so 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from taskplex import Capabilities, InvalidOption, Task, TaskServer
+from taskplex import Capabilities, InvalidOption, TaskServer
 from taskplex.backend import Attempt, Backend, BackendContext, run_in_attempt
 
 __all__ = ["ThreadBackend", "ThreadServer"]
@@ -58,13 +57,6 @@ class ThreadBackend(Backend):
             # Every attempt has been reported over by now, so no thread is busy and this is quick;
             # it still runs off the loop so that the loop never blocks.
             await asyncio.to_thread(pool.shutdown, wait=True)
-
-    def prepare(self, task: Task) -> None:
-        if inspect.iscoroutinefunction(task.function):
-            raise InvalidOption(
-                f"{type(self).__name__} runs plain functions, and {task.function!r} is a coroutine "
-                'function; use a backend that runs coroutines, e.g. taskplex.Executor("async")'
-            )
 
     def launch(self, attempts: Sequence[Attempt]) -> None:
         assert self._pool is not None, "launch() runs only between start() and stop()"

@@ -23,12 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import inspect
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from taskplex import Capabilities, Task, TaskServer
-from taskplex.backend import Attempt, BackendContext, CoroutineBackend
+from taskplex.backend import Attempt, BackendContext, CoroutineBackend, is_coroutine_function
 
 __all__ = ["AsyncBackend", "AsyncServer"]
 
@@ -59,12 +58,12 @@ class AsyncBackend(CoroutineBackend):
             await asyncio.to_thread(threads.shutdown, wait=True)
 
     def can_cancel_running(self, task: Task) -> bool:
-        return super().can_cancel_running(task) or _is_coroutine_function(task.function)
+        return super().can_cancel_running(task) or is_coroutine_function(task.function)
 
     async def execute(self, attempt: Attempt) -> Any:
         task = attempt.task
         function = task.function
-        if _is_coroutine_function(function):
+        if is_coroutine_function(function):
             return await function(*task.args, **task.kwargs)
         assert self._threads is not None
         # the function sees this context: the caller's context variables and the current attempt
@@ -85,14 +84,6 @@ class AsyncServer(TaskServer):
 
     def __init__(self, *, workers: int = 1, queue_size: int = 0) -> None:
         super().__init__(AsyncBackend(), workers=workers, queue_size=queue_size)
-
-
-def _is_coroutine_function(function: Any) -> bool:
-    while isinstance(function, functools.partial):
-        function = function.func
-    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-        getattr(function, "__call__", None)  # noqa: B004 - async callable objects
-    )
 
 
 async def _wait_uncancellable(future: asyncio.Future[Any]) -> None:

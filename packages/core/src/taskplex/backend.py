@@ -42,7 +42,10 @@ import abc
 import asyncio
 import contextlib
 import contextvars
+import functools
+import inspect
 import threading
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -60,6 +63,7 @@ __all__ = [
     "Capabilities",
     "CoroutineBackend",
     "current_attempt",
+    "is_coroutine_function",
     "run_in_attempt",
 ]
 
@@ -349,3 +353,15 @@ def run_in_attempt(attempt: Attempt, function: Callable[..., T], /, *args: Any, 
         return function(*args, **kwargs)
     finally:
         current_attempt.reset(token)
+
+
+def is_coroutine_function(function: Any) -> bool:
+    """Whether calling ``function`` returns a coroutine: async functions, also behind partials,
+    and objects whose ``__call__`` is one."""
+    if type(function) is types.FunctionType:  # the common case, without inspect's unwrapping
+        return bool(function.__code__.co_flags & inspect.CO_COROUTINE)
+    while isinstance(function, functools.partial):
+        function = function.func
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004 - async callable objects
+    )

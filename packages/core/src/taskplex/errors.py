@@ -58,8 +58,12 @@ class TaskplexError(Exception):
 # ---------------------------------------------------------------------------------------------------
 
 
-class InvalidOption(TaskplexError, TypeError):
-    """An option given to a server or task is unknown or has the wrong type or value."""
+class InvalidOption(TaskplexError, ValueError, TypeError):
+    """An option given to a server or task is unknown or has the wrong type or value.
+
+    A ValueError, as the standard library raises for a bad ``max_workers``, and a TypeError, as
+    Python raises for an unknown keyword argument.
+    """
 
 
 class UnknownBackend(TaskplexError, LookupError):

@@ -26,16 +26,16 @@ import asyncio
 import concurrent.futures as cf
 import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
 import functools
-import inspect
 import itertools
 import queue
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 
-from taskplex.backend import current_attempt
+from taskplex.backend import current_attempt, is_coroutine_function
 from taskplex.errors import InvalidOption
 from taskplex.plugins import create_server
 from taskplex.results import ResultsQueue
@@ -114,12 +114,19 @@ class TaskFuture(cf.Future[Any]):
 
     def _wait_until_done(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._condition:
+        condition = self._condition
+        condition.acquire()
+        try:
             while self._state not in _DONE_STATES:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"{self.task!r} did not finish within {timeout} s")
-                self._condition.wait(remaining)
+                condition.wait(remaining)
+        finally:
+            # A Ctrl-C inside wait() can land while it re-takes the lock: then it is not ours
+            # to give back, and the interrupt, not a RuntimeError, must reach the caller.
+            if condition._is_owned():  # type: ignore[attr-defined]
+                condition.release()
 
     def result(self, timeout: float | None = None) -> Any:
         # A finished future never changes again, so its value can be read without the lock.
@@ -246,6 +253,7 @@ class _Runner:
                 return
             self.ready.set()
             await self.stop_requested.wait()
+            self.flush()  # anything handed over but not yet taken in
             if self.cancel_queued:
                 self.server.cancel_queued()
             await self.server.stop(wait=True)
@@ -263,6 +271,13 @@ class _Runner:
             if self.flush_scheduled:
                 return
             self.flush_scheduled = True
+        if self.on_loop_thread():
+            self.loop.call_soon(self.flush)
+        else:
+            self.loop.call_soon_threadsafe(self.flush)
+
+    def force_flush(self) -> None:
+        """Wake the loop to take the pending tasks, whatever the flag says."""
         if self.on_loop_thread():
             self.loop.call_soon(self.flush)
         else:
@@ -391,11 +406,11 @@ class Executor(cf.Executor):
         task._future = future
         task.results_queue = runner.delivery
         server = runner.server
-        server.accept(task)
-        # From here on the task must reach the loop, which delivers it: if this thread is
-        # interrupted (Ctrl-C) before handing it over, it is cancelled and handed over anyway.
+        # Once accepted, the task must reach the loop, which delivers it: if this thread is
+        # interrupted (Ctrl-C) anywhere before handing it over, it is cancelled and handed over.
         handed = False
         try:
+            server.accept(task)
             if server.queue_size:
                 if runner.on_loop_thread():
                     server.put_accepted_nowait(task)
@@ -405,10 +420,10 @@ class Executor(cf.Executor):
                 runner.hand_over(task)
             handed = True
         finally:
-            if not handed:
+            if not handed and task._server is server:
                 task.cancel()
-                if task._future is future and not task._enqueued:
-                    runner.hand_over(task)
+                runner.hand_over(task)
+                runner.force_flush()  # the interrupt may have landed between flag and wake-up
         return future
 
     def map(
@@ -430,7 +445,7 @@ class Executor(cf.Executor):
             return super().map(fn, *iterables, timeout=timeout)
         calls = iter(zip(*iterables, strict=False))
         chunks = iter(lambda: tuple(itertools.islice(calls, chunksize)), ())
-        call_chunk: Callable[..., Any] = _await_chunk if _is_coroutine_function(fn) else _call_chunk
+        call_chunk: Callable[..., Any] = _await_chunk if is_coroutine_function(fn) else _call_chunk
         per_chunk: Iterator[list[T]] = super().map(
             functools.partial(call_chunk, fn), chunks, timeout=timeout
         )
@@ -450,15 +465,40 @@ class Executor(cf.Executor):
         runner = self._runner
         runner.request_stop(cancel_futures=cancel_futures)
         if wait:
+            try:
+                runner.join()
+            except KeyboardInterrupt:
+                self._wait_after_interrupt()
+                raise
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C in the body: what has not started is cancelled, what runs is waited for
+            self._is_shutdown = True
+            self._finalizer.detach()
+            self._runner.request_stop(cancel_futures=True)
+            self._wait_after_interrupt()
+        else:
+            self.shutdown(wait=True)
+
+    def _wait_after_interrupt(self) -> None:
+        """After a first Ctrl-C: say what is waited for; a second Ctrl-C stops running tasks."""
+        runner = self._runner
+        runner.request_stop(cancel_futures=True)
+        running = runner.server.stats.running
+        print(
+            f"taskplex: interrupted; waiting for {running} running task(s) of {self!r} to end "
+            "(tasks not started were cancelled). Press Ctrl-C again to cancel the running ones.",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
             runner.join()
-
-
-def _is_coroutine_function(function: Any) -> bool:
-    while isinstance(function, functools.partial):
-        function = function.func
-    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-        getattr(function, "__call__", None)  # noqa: B004 - async callable objects
-    )
+        except KeyboardInterrupt:
+            print("taskplex: cancelling the running tasks", file=sys.stderr, flush=True)
+            runner.server.cancel()
+            runner.join()
+            raise
 
 
 def _call_chunk(fn: Callable[..., T], calls: tuple[tuple[Any, ...], ...]) -> list[T]:

@@ -43,7 +43,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 from taskplex import plugins
-from taskplex.backend import LAUNCHED, OVER, STARTED, WITHDRAWN, Attempt, Backend, BackendContext
+from taskplex.backend import (
+    LAUNCHED,
+    OVER,
+    STARTED,
+    WITHDRAWN,
+    Attempt,
+    Backend,
+    BackendContext,
+    is_coroutine_function,
+)
 from taskplex.errors import (
     BackendError,
     DependencyFailed,
@@ -84,12 +93,13 @@ def check_int(name: str, value: object, minimum: int) -> int:
 
 
 class ServerStats:
-    """Counters of one server since it was created."""
+    """Counters of one server since it was created, and ``running``: attempts executing now."""
 
-    __slots__ = ("cancelled", "failed", "retried", "submitted", "succeeded")
+    __slots__ = ("cancelled", "failed", "retried", "running", "submitted", "succeeded")
 
     def __init__(self) -> None:
         self.submitted = self.succeeded = self.failed = self.cancelled = self.retried = 0
+        self.running = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -130,6 +140,8 @@ class TaskServer(Server):
         self._names: set[str] = set()
         self._ready: collections.deque[Task] = collections.deque()
         self._dependents: dict[str, list[Task]] = {}
+        self._release_later: list[tuple[Task, list[Task]]] = []
+        self._releasing = False
         self._attempts: dict[int, Attempt] = {}
         self._reclaiming: collections.deque[tuple[Attempt, Callable[[], None]]] = collections.deque()
         self._attempt_ids = itertools.count(1)
@@ -248,12 +260,12 @@ class TaskServer(Server):
 
     async def join(self) -> None:
         """Wait until every accepted task has reached a terminal state."""
-        # Tasks put directly on the task queue are counted only once taken off it.
+        # Tasks are counted once the loop took them in (tasks put directly on the task queue,
+        # once taken off it); an Executor hands its tasks over before it asks for a stop.
         await self._queue.join()
         while self._live > 0:
             self._idle.clear()
-            if self._live > 0:
-                await self._idle.wait()
+            await self._idle.wait()
 
     # ================================================================== for synchronous facades
 
@@ -284,6 +296,8 @@ class TaskServer(Server):
         if name is not None and name in self._names:
             raise DuplicateTaskName(f"a task named {name!r} was already submitted to {self!r}")
         self._check_resources(task.resources)
+        if not self.capabilities.runs_coroutines and is_coroutine_function(task.function):
+            raise InvalidOption(self._no_coroutines(task))
         backend = self.backend
         slots = backend.slots(task)
         if slots > self.workers:
@@ -309,10 +323,9 @@ class TaskServer(Server):
                     if name is not None:
                         self._names.discard(name)
                     raise ValueError(f"{task!r} was cancelled or submitted elsewhere meanwhile")
-                task._server = self
                 task._prepared = prepared
                 task.status = TaskStatus.QUEUED
-            self._live += 1
+                task._server = self
 
     async def put_accepted(self, task: Task) -> None:
         """Put an accepted task on the task queue, waiting while the queue is full."""
@@ -432,6 +445,8 @@ class TaskServer(Server):
         if attempt._started_here:
             return
         attempt._started_here = True
+        if attempt.id in self._attempts:
+            self.stats.running += 1
         task = attempt.task
         if task.finished_at is not None:
             return  # cancelled or timed out meanwhile; the abort is on its way
@@ -484,6 +499,8 @@ class TaskServer(Server):
         """An attempt is over: give back its slots; False if it was over already."""
         if self._attempts.pop(attempt.id, None) is None:
             return False
+        if attempt._started_here:
+            self.stats.running -= 1
         if attempt._lent:
             self._wake_reclaimer(attempt)
         else:
@@ -653,10 +670,8 @@ class TaskServer(Server):
             try:
                 self.accept(task)
             except Exception as exc:
-                with self._lock:
-                    task._server = self
-                    task.status = TaskStatus.QUEUED
-                    self._live += 1
+                task._server = self
+                task.status = TaskStatus.QUEUED
                 self._enqueued(task)
                 self._finish(task, TaskStatus.FAILED, error=exc)
                 return
@@ -685,6 +700,7 @@ class TaskServer(Server):
         task.submitted_at = time.time()
         task._enqueued = True
         self.stats.submitted += 1
+        self._live += 1
         self._idle.clear()
         if self._hook_submitted is not None:
             self._call_hook(self._hook_submitted, task)
@@ -757,12 +773,21 @@ class TaskServer(Server):
         task._future = None
         dependents = self._dependents.pop(task.id, None)
         if dependents:
-            self._release_dependents(task, dependents)
-        with self._lock:
-            self._live -= 1
-            idle = self._live <= 0
-        if idle:
+            self._release_later.append((task, dependents))
+            if not self._releasing:
+                self._release_all()
+        self._live -= 1
+        if self._live <= 0:
             self._idle.set()
+
+    def _release_all(self) -> None:
+        """Release dependents one level at a time: a chain of any length never recurses deeply."""
+        self._releasing = True
+        try:
+            while self._release_later:
+                self._release_dependents(*self._release_later.pop())
+        finally:
+            self._releasing = False
 
     def _release_dependents(self, dep: Task, dependents: list[Task]) -> None:
         for task in dependents:
@@ -842,6 +867,7 @@ class TaskServer(Server):
                 if attempt._timer is not None:
                     attempt._timer.cancel()
             self._attempts.clear()
+            self.stats.running = 0
             reclaiming, self._reclaiming = self._reclaiming, collections.deque()
             for _, wake in reclaiming:
                 wake()
@@ -888,10 +914,8 @@ class TaskServer(Server):
             task = self._queue.get_nowait()
             self._queue.task_done()
             if task.status is TaskStatus.PENDING and task._server is None:
-                with self._lock:
-                    task._server = self
-                    task.status = TaskStatus.QUEUED
-                    self._live += 1
+                task._server = self
+                task.status = TaskStatus.QUEUED
                 self._enqueued(task)
             pending.append(task)
         for waiting in self._dependents.values():
@@ -1002,6 +1026,14 @@ class TaskServer(Server):
                     f"{type(self).__name__} cannot honour resources.{key}="
                     f"{getattr(resources, key)!r} (resources it honours: {honoured})"
                 )
+
+    def _no_coroutines(self, task: Task) -> str:
+        able = [info.name for info in plugins.backends() if info.capabilities.runs_coroutines]
+        return (
+            f"{task!r} is a coroutine function, and {type(self).__name__} runs plain functions "
+            "(it would get a coroutine object back, never awaited); backends that run coroutines: "
+            + (", ".join(able) or "none installed (pip install taskplex-backend-async)")
+        )
 
     def _call_on_loop(self, callback: Callable[..., Any], *args: Any) -> None:
         loop = self._loop
