@@ -69,8 +69,9 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Attempt states. The first transition out of LAUNCHED happens under the server's lock, so that a
-# cancel in one thread and a start in another agree on who won.
+# Attempt states. Who leaves LAUNCHED first — a start in one thread or a withdrawal in another —
+# and which report ends the attempt are decided by popping a one-item list (an atomic step), so
+# the server takes no lock on the path of every task.
 LAUNCHED, STARTED, WITHDRAWN, OVER = 0, 1, 2, 3
 
 current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
@@ -90,7 +91,9 @@ class Attempt:
 
     __slots__ = (
         "_lent",
+        "_over_gate",
         "_server",
+        "_start_gate",
         "_started_here",
         "_state",
         "_timer",
@@ -106,6 +109,8 @@ class Attempt:
     ) -> None:
         self._server = server
         self._state = LAUNCHED
+        self._start_gate = [LAUNCHED]
+        self._over_gate = [LAUNCHED]
         self._started_here = False
         self._lent = False
         self._timer: asyncio.TimerHandle | None = None

@@ -132,6 +132,7 @@ class TaskServer(Server):
         self.failure: BaseException | None = None
         """Why the server stopped by itself (a backend failure), or None."""
         self._state = _NEW
+        self._refuse_coroutines = not backend.capabilities.runs_coroutines
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -206,6 +207,7 @@ class TaskServer(Server):
         self._prefetch = 0
         self._free = self.workers
         self.failure = None
+        self._refuse_coroutines = not self.capabilities.runs_coroutines
         self._stopped = loop.create_future()
         plugins.load_plugins()
         self._snapshot_hooks()
@@ -295,8 +297,10 @@ class TaskServer(Server):
         name = task.name
         if name is not None and name in self._names:
             raise DuplicateTaskName(f"a task named {name!r} was already submitted to {self!r}")
-        self._check_resources(task.resources)
-        if not self.capabilities.runs_coroutines and is_coroutine_function(task.function):
+        resources = task.resources
+        if resources is not DEFAULT_RESOURCES:
+            self._check_resources(resources)
+        if self._refuse_coroutines and is_coroutine_function(task.function):
             raise InvalidOption(self._no_coroutines(task))
         backend = self.backend
         slots = backend.slots(task)
@@ -313,19 +317,19 @@ class TaskServer(Server):
             raise BackendError(
                 f"{type(backend).__name__}.prepare() failed for {task!r}: {type(exc).__name__}: {exc}"
             ) from exc
-        with self._lock:
-            if name is not None:
+        if name is not None:
+            with self._lock:
                 if name in self._names:
                     raise DuplicateTaskName(f"a task named {name!r} was already submitted to {self!r}")
                 self._names.add(name)
-            with CLAIM_LOCK:
-                if task.status is not TaskStatus.PENDING or task._server is not None:
-                    if name is not None:
-                        self._names.discard(name)
-                    raise ValueError(f"{task!r} was cancelled or submitted elsewhere meanwhile")
-                task._prepared = prepared
-                task.status = TaskStatus.QUEUED
-                task._server = self
+        with CLAIM_LOCK:
+            if task.status is not TaskStatus.PENDING or task._server is not None:
+                if name is not None:
+                    self._names.discard(name)
+                raise ValueError(f"{task!r} was cancelled or submitted elsewhere meanwhile")
+            task._prepared = prepared
+            task.status = TaskStatus.QUEUED
+            task._server = self
 
     async def put_accepted(self, task: Task) -> None:
         """Put an accepted task on the task queue, waiting while the queue is full."""
@@ -373,13 +377,11 @@ class TaskServer(Server):
         """Cancel every task that has not started, also those launched ahead. Call on the loop."""
         for task in self._pending_tasks():
             self._finish(task, TaskStatus.CANCELLED, error=TaskCancelled("cancelled before it ran"))
+        if not self.capabilities.withdraws_launched:
+            return
         for attempt in list(self._attempts.values()):
-            with self._lock:
-                unstarted = attempt._state is LAUNCHED and self.capabilities.withdraws_launched
-                if unstarted:
-                    attempt._state = WITHDRAWN
-                    attempt.task._cancel_requested = True
-            if unstarted:
+            if self._withdraw(attempt):
+                attempt.task._cancel_requested = True
                 self._finish(
                     attempt.task, TaskStatus.CANCELLED, error=TaskCancelled("cancelled before it ran")
                 )
@@ -391,52 +393,90 @@ class TaskServer(Server):
         With ``running=False`` a task that has started is left alone (``Future.cancel``).
         """
         backend = self.backend
-        with self._lock:
+        with self._lock:  # one cancel at a time; the loop's side needs no lock (see _new_attempt)
             if task.finished_at is not None:
                 return task.status is TaskStatus.CANCELLED
             if task._cancel_requested:
                 return True
             attempt: Attempt | None = task._attempt
-            if attempt is None or attempt._state is OVER:
-                pass  # queued: it never launches now
-            elif attempt._state is LAUNCHED and backend.capabilities.withdraws_launched:
-                attempt._state = WITHDRAWN
-            elif not running or not backend.can_cancel_running(task):
-                return False
-            task._cancel_requested = True
+            if attempt is None:
+                task._cancel_requested = True
+                # the loop sets task._attempt before it reads _cancel_requested: look again
+                attempt = task._attempt
+                if attempt is not None:
+                    self._withdraw(attempt)
+            elif not (backend.capabilities.withdraws_launched and self._withdraw(attempt)):
+                # started (or its outcome is on its way to the loop): only stopping it cancels it
+                if attempt._state is not STARTED or not running:
+                    return False
+                if not backend.can_cancel_running(task):
+                    return False
+                task._cancel_requested = True
+            else:
+                task._cancel_requested = True
         self._call_on_loop(self._cancel_now, task)
         return True
 
     # ================================================================== backend reports
 
+    @staticmethod
+    def _withdraw(attempt: Attempt) -> bool:
+        """Take a launched attempt back before it starts; False if it started (or ended) first."""
+        try:
+            attempt._start_gate.pop()
+        except IndexError:
+            return False
+        attempt._state = WITHDRAWN
+        return True
+
     def _attempt_started(self, attempt: Attempt, worker: str | None) -> bool:
-        with self._lock:
-            if attempt._state is not LAUNCHED:
-                return attempt._state is STARTED
-            attempt._state = STARTED
-        self._call_on_loop(self._on_started, attempt, worker)
+        try:
+            attempt._start_gate.pop()
+        except IndexError:
+            return attempt._state is STARTED
+        attempt._state = STARTED
+        if threading.get_ident() == self._loop_thread:
+            self._on_started(attempt, worker)
+        else:
+            self._call_on_loop(self._on_started, attempt, worker)
         return True
 
     def _attempt_over(
         self, attempt: Attempt, result: Any, error: BaseException | None, worker: str | None
     ) -> None:
-        with self._lock:
-            state = attempt._state
-            if state is OVER:
-                return
-            attempt._state = OVER
-        self._call_on_loop(self._on_over, attempt, state, result, error, worker)
+        try:
+            attempt._over_gate.pop()
+        except IndexError:
+            return  # a duplicate or late report
+        state = attempt._state
+        if state is LAUNCHED and self._withdraw_as_started(attempt):
+            state = STARTED  # a backend that reports only the outcome
+        attempt._state = OVER
+        if threading.get_ident() == self._loop_thread:
+            self._on_over(attempt, state, result, error, worker)
+        else:
+            self._call_on_loop(self._on_over, attempt, state, result, error, worker)
+
+    @staticmethod
+    def _withdraw_as_started(attempt: Attempt) -> bool:
+        try:
+            attempt._start_gate.pop()
+        except IndexError:
+            return False
+        return True
 
     def _attempt_given_back(self, attempt: Attempt) -> None:
-        with self._lock:
-            state = attempt._state
-            if state is OVER:
-                return
-            attempt._state = OVER
+        try:
+            attempt._over_gate.pop()
+        except IndexError:
+            return
+        state = attempt._state
+        if state is LAUNCHED:
+            self._withdraw(attempt)  # it can never start now
+        attempt._state = OVER
         if state is STARTED:
-            error = BackendError(
-                f"{type(self.backend).__name__} gave back {attempt!r}, which had started"
-            )
+            backend = type(self.backend).__name__
+            error = BackendError(f"{backend} gave back {attempt!r}, which had started")
             self._call_on_loop(self._on_over, attempt, state, None, error, None)
         else:
             self._call_on_loop(self._on_given_back, attempt)
@@ -478,11 +518,18 @@ class TaskServer(Server):
         task = attempt.task
         if task.finished_at is None:
             if not attempt._started_here:
-                self._on_started(attempt, worker)  # a backend that reports only the outcome
+                self._on_started(attempt, worker)
             if worker is not None:
                 task.worker = worker
-            self._settle(task, result, error)
-        self._after_release()
+            if error is None:
+                self._finish(task, TaskStatus.SUCCEEDED, result=result)
+            else:
+                self._settle_failure(task, error)
+        if self._reclaiming:
+            self._serve_reclaims()
+        if self._state == _RUNNING:
+            self._capacity.set()
+            self._pump()
 
     def _on_given_back(self, attempt: Attempt) -> None:
         if not self._release(attempt):
@@ -493,7 +540,11 @@ class TaskServer(Server):
                 self._ready.appendleft(task)
             else:
                 self._finish(task, TaskStatus.CANCELLED, error=TaskCancelled("the server stopped"))
-        self._after_release()
+        if self._reclaiming:
+            self._serve_reclaims()
+        if self._state == _RUNNING:
+            self._capacity.set()
+            self._pump()
 
     def _release(self, attempt: Attempt) -> bool:
         """An attempt is over: give back its slots; False if it was over already."""
@@ -514,17 +565,8 @@ class TaskServer(Server):
             attempt.task._attempt = None
         return True
 
-    def _after_release(self) -> None:
-        if self._reclaiming:
-            self._serve_reclaims()
-        if self._state == _RUNNING:
-            self._capacity.set()
-            self._pump()
-
-    def _settle(self, task: Task, result: Any, error: BaseException | None) -> None:
-        if error is None:
-            self._finish(task, TaskStatus.SUCCEEDED, result=result)
-        elif self._should_retry(task, error):
+    def _settle_failure(self, task: Task, error: BaseException) -> None:
+        if self._should_retry(task, error):
             self.stats.retried += 1
             logger.info("retrying %r after %s: %s", task, type(error).__name__, error)
             if self._state == _RUNNING:
@@ -636,13 +678,12 @@ class TaskServer(Server):
                 status = TaskStatus.SUCCEEDED if outcome.exception is None else TaskStatus.FAILED
                 self._finish(task, status, result=outcome.result, error=outcome.exception)
                 return None
-        with self._lock:
-            if task._cancel_requested:
-                attempt = None
-            else:
-                attempt = Attempt(self, task, next(self._attempt_ids), slots, task._prepared)
-                task._attempt = attempt
-        if attempt is None:
+        attempt = Attempt(self, task, next(self._attempt_ids), slots, task._prepared)
+        task._attempt = attempt
+        # read after the attempt is set: a cancel in another thread sets the flag before it looks
+        # for an attempt, so one of the two sees the other (see cancel_task)
+        if task._cancel_requested:
+            task._attempt = None
             self._finish(task, TaskStatus.CANCELLED, error=TaskCancelled("cancelled before it ran"))
             return None
         if task.launched_at is None:
@@ -847,9 +888,7 @@ class TaskServer(Server):
         for task in self._pending_tasks():
             end(task, "the server stopped before it ran")
         for attempt in list(self._attempts.values()):
-            with self._lock:
-                if attempt._state is LAUNCHED:
-                    attempt._state = WITHDRAWN
+            self._withdraw(attempt)
             end(attempt.task, "the server stopped")
             self._safe_abort(attempt)
         try:

@@ -105,9 +105,6 @@ class _TaskIds:
         self.prefix = f"{secrets.token_hex(6)}-"
         self.counter = itertools.count(1)
 
-    def next(self) -> str:
-        return f"{self.prefix}{next(self.counter)}"
-
 
 _ids = _TaskIds()
 if hasattr(os, "register_at_fork"):
@@ -203,11 +200,12 @@ class Task:
             )
         if timeout is not None and not _positive_number(timeout):
             raise InvalidOption(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
-        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        if retries != 0 and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
             raise InvalidOption(f"retries must be an int >= 0, got {retries!r}")
-        for label, text in (("name", name), ("key", key)):
-            if text is not None and not isinstance(text, str):
-                raise InvalidOption(f"{label} must be a str or None, got {type(text).__name__}")
+        if name is not None and not isinstance(name, str):
+            raise InvalidOption(f"name must be a str or None, got {type(name).__name__}")
+        if key is not None and not isinstance(key, str):
+            raise InvalidOption(f"key must be a str or None, got {type(key).__name__}")
         self.function = function
         self.args: tuple[Any, ...] = args
         self.kwargs: dict[str, Any] = {} if kwargs is None else dict(kwargs)
@@ -218,13 +216,15 @@ class Task:
         self.retries = retries
         self.retry_user_errors = retry_user_errors
         self.resources = DEFAULT_RESOURCES if resources is None else Resources.coerce(resources)
-        if isinstance(depends_on, Task):
-            depends_on = (depends_on,)
-        self.depends_on: tuple[Task, ...] = tuple(depends_on)
-        for dep in self.depends_on:
-            if not isinstance(dep, Task):
-                raise InvalidOption(f"depends_on takes Task objects, got {type(dep).__name__}")
-        self.id = _ids.next()
+        self.depends_on: tuple[Task, ...] = ()
+        if depends_on:
+            if isinstance(depends_on, Task):
+                depends_on = (depends_on,)
+            self.depends_on = tuple(depends_on)
+            for dep in self.depends_on:
+                if not isinstance(dep, Task):
+                    raise InvalidOption(f"depends_on takes Task objects, got {type(dep).__name__}")
+        self.id = f"{_ids.prefix}{next(_ids.counter)}"
         self.status = TaskStatus.PENDING
         self.attempts = 0
         self.submitted_at: float | None = None
