@@ -46,7 +46,7 @@ import functools
 import inspect
 import threading
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from taskplex.errors import TaskCancelled
@@ -136,10 +136,20 @@ class Attempt:
         Returns False if the attempt was withdrawn first: then the work must not run (stop it if it
         already began elsewhere) and the attempt is to be reported over, e.g. with give_back().
         """
-        return self._server._attempt_started(self, worker)
+        try:
+            self._start_gate.pop()  # atomic: a withdrawal in another thread pops it, or this does
+        except IndexError:
+            return self._state is STARTED
+        self._state = STARTED
+        self._server._attempt_started(self, worker)
+        return True
 
     def succeeded(self, result: Any, worker: str | None = None) -> None:
         """Report that the attempt ended and returned ``result``; safe from any thread."""
+        try:
+            self._over_gate.pop()  # atomic: the first report wins, later ones are ignored
+        except IndexError:
+            return
         self._server._attempt_over(self, result, None, worker)
 
     def failed(self, error: BaseException, worker: str | None = None) -> None:
@@ -148,6 +158,10 @@ class Attempt:
         The user's own exception goes here as itself; an :class:`~taskplex.errors.InfrastructureError`
         (a dead worker, a killed job) is retried within the task's ``retries``.
         """
+        try:
+            self._over_gate.pop()
+        except IndexError:
+            return
         self._server._attempt_over(self, None, error, worker)
 
     def give_back(self) -> None:
@@ -156,6 +170,10 @@ class Attempt:
         The task runs again later, and this does not count as one of its attempts. Giving back
         an attempt that did start is a backend error: the task then fails as if its worker died.
         """
+        try:
+            self._over_gate.pop()
+        except IndexError:
+            return
         self._server._attempt_given_back(self)
 
     @contextlib.contextmanager
@@ -325,8 +343,10 @@ class CoroutineBackend(Backend):
             if not attempt.started():
                 attempt.give_back()
                 return
+            # this asyncio task runs in a context of its own: no need to reset it afterwards
+            current_attempt.set(attempt)
             try:
-                result = await _in_attempt(attempt, self.execute(attempt))
+                result = await self.execute(attempt)
             except asyncio.CancelledError:
                 attempt.failed(TaskCancelled("its attempt was stopped"))
             except BaseException as exc:  # the task's own failure, SystemExit included
@@ -335,15 +355,6 @@ class CoroutineBackend(Backend):
                 attempt.succeeded(result)
         finally:
             self._running.pop(attempt.id, None)
-
-
-async def _in_attempt(attempt: Attempt, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable`` with ``attempt`` as the current attempt of this context."""
-    token = current_attempt.set(attempt)
-    try:
-        return await awaitable
-    finally:
-        current_attempt.reset(token)
 
 
 def run_in_attempt(attempt: Attempt, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

@@ -133,6 +133,8 @@ class TaskServer(Server):
         """Why the server stopped by itself (a backend failure), or None."""
         self._state = _NEW
         self._refuse_coroutines = not backend.capabilities.runs_coroutines
+        # the default slots() is a task's cores: read them directly on the hot path
+        self._slots_of = None if type(backend).slots is Backend.slots else backend.slots
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -429,25 +431,17 @@ class TaskServer(Server):
         attempt._state = WITHDRAWN
         return True
 
-    def _attempt_started(self, attempt: Attempt, worker: str | None) -> bool:
-        try:
-            attempt._start_gate.pop()
-        except IndexError:
-            return attempt._state is STARTED
-        attempt._state = STARTED
+    # Called by the Attempt handle once it won its transition (see backend.Attempt).
+
+    def _attempt_started(self, attempt: Attempt, worker: str | None) -> None:
         if threading.get_ident() == self._loop_thread:
             self._on_started(attempt, worker)
         else:
             self._call_on_loop(self._on_started, attempt, worker)
-        return True
 
     def _attempt_over(
         self, attempt: Attempt, result: Any, error: BaseException | None, worker: str | None
     ) -> None:
-        try:
-            attempt._over_gate.pop()
-        except IndexError:
-            return  # a duplicate or late report
         state = attempt._state
         if state is LAUNCHED and self._withdraw_as_started(attempt):
             state = STARTED  # a backend that reports only the outcome
@@ -466,10 +460,6 @@ class TaskServer(Server):
         return True
 
     def _attempt_given_back(self, attempt: Attempt) -> None:
-        try:
-            attempt._over_gate.pop()
-        except IndexError:
-            return
         state = attempt._state
         if state is LAUNCHED:
             self._withdraw(attempt)  # it can never start now
@@ -650,14 +640,14 @@ class TaskServer(Server):
         batch: list[Attempt] = []
         queue = self._queue
         ready = self._ready
-        slots = self.backend.slots
+        slots = self._slots_of
         while self._free > 0 and self._state == _RUNNING:
             if ready:
                 task = ready[0]
                 if task.finished_at is not None:
                     ready.popleft()
                     continue
-                need = slots(task)
+                need = task.resources.cores if slots is None else slots(task)
                 if need > self._free:
                     break
                 ready.popleft()
@@ -689,8 +679,9 @@ class TaskServer(Server):
         if task.launched_at is None:
             task.launched_at = time.time()
         self._free -= slots
+        if not self._attempts:
+            self._attempts_over.clear()
         self._attempts[attempt.id] = attempt
-        self._attempts_over.clear()
         return attempt
 
     def _launch(self, batch: list[Attempt]) -> None:
@@ -777,7 +768,7 @@ class TaskServer(Server):
             # The backend lost track of it: count it over, so that nothing waits for it forever.
             logger.exception("%s.abort() failed for %r", type(self.backend).__name__, attempt)
             error = BackendError(f"{type(self.backend).__name__}.abort() failed: {exc}")
-            self._attempt_over(attempt, None, error, None)
+            attempt.failed(error)
 
     # ================================================================== finishing
 
