@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 from taskplex.conformance._tasks import record_run
@@ -122,3 +123,38 @@ def return_unloadable(directory: str, how: str) -> Unloadable:
 def append_to(proxy: list[int], value: int) -> int:
     proxy.append(value)
     return len(proxy)
+
+
+def start_sleeper(directory: str) -> None:
+    """Start a long ``sleep`` as a task would start a solver, record its pid, and wait."""
+    import subprocess
+
+    sleeper = subprocess.Popen(["sleep", "300"])
+    scratch = Path(directory) / "sleeper.tmp"
+    scratch.write_text(str(sleeper.pid))
+    scratch.rename(Path(directory) / "sleeper.pid")
+    time.sleep(BOUND)
+
+
+def echo_len(data: bytes) -> int:
+    return len(data)
+
+
+MEMORY_AT_LOAD: list[tuple[int, int]] = []
+"""tracemalloc's (current, peak) in this process each time a :class:`MemoryProbe` was unpickled."""
+
+
+def note_memory() -> None:
+    MEMORY_AT_LOAD.append(tracemalloc.get_traced_memory())
+
+
+class MemoryProbe:
+    """Unpickles as ``None``, noting the memory of the process unpickling it at that moment."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (note_memory, ())
+
+
+def make_probed(size: int) -> tuple[MemoryProbe, bytes]:
+    """``size`` bytes, after a probe: it notes the caller's memory before they are unpickled."""
+    return MemoryProbe(), b"x" * size

@@ -153,3 +153,26 @@ def test_max_tasks_per_child_recycles_workers() -> None:
     for seen in (pids, batch):
         assert len(set(seen)) == 3, seen
         assert all(seen.count(pid) == 2 for pid in set(seen)), seen
+
+
+def test_more_workers_than_the_machine_can_start_is_a_clear_error_before_anything_starts() -> None:
+    before = psutil.Process().children(recursive=True)
+    with pytest.raises(ValueError, match=r"workers=100000 .*(open files|memory|process limit)"):
+        taskplex.Executor("mp", workers=100_000)
+    assert psutil.Process().children(recursive=True) == before, "nothing may have started"
+
+
+def test_the_open_files_limit_is_named_when_it_is_what_limits() -> None:
+    code = (
+        "import resource, taskplex\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "try:\n"
+        "    taskplex.Executor('mp', workers=50)\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "open files" in result.stdout, result.stdout + result.stderr
+    assert "ulimit -n" in result.stdout

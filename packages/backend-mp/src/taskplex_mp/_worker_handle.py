@@ -2,8 +2,10 @@
 
 A :class:`WorkerHandle` owns the server's ends of the worker's pipes and moves bytes through them
 without ever blocking the event loop: frames read from the worker wait in its ``inbox`` until the
-server handles them, and bytes the task pipe would not take yet wait in its ``outbox`` until the
-pipe is writable. Which frames to send and what the frames read mean is the server's business
+server handles them, and buffers the task pipe would not take yet wait in its ``outbox`` until the
+pipe is writable. Neither copies a large payload: one going out waits as a view of the bytes the
+server sent, and one coming in is read into a bytearray of its own (:mod:`taskplex_mp._frames`).
+Which frames to send and what the frames read mean is the server's business
 (:mod:`taskplex_mp.server`); when the worker dies, the handle sorts the tasks it held into those it
 failed and those it never touched, which go to other workers.
 """
@@ -18,7 +20,15 @@ from collections import deque
 from taskplex.backend import Attempt
 from taskplex.errors import TaskCancelled, WorkerLost
 from taskplex_mp import processes
-from taskplex_mp._frames import READ_SIZE, FrameReader
+from taskplex_mp._frames import (
+    READ_SIZE,
+    Buffer,
+    Frame,
+    FrameReader,
+    drop_written,
+    write_once,
+    write_some,
+)
 
 __all__ = ["DEAD", "KILLED", "READY", "RETIRING", "STARTING", "WorkerHandle"]
 
@@ -40,7 +50,6 @@ class WorkerHandle:
         "loop",
         "name",
         "outbox",
-        "outbox_sent",
         "pid",
         "popen",
         "queue",
@@ -69,10 +78,9 @@ class WorkerHandle:
         self.forkserver: processes.ForkServer | None = None
         """The fork server that forked it (start_method "forkserver")."""
         self.reader = FrameReader()
-        self.inbox: deque[tuple[int, int, bytes]] = deque()
-        self.outbox = bytearray()
-        """Bytes the pipe would not take yet; the first ``outbox_sent`` of them are written."""
-        self.outbox_sent = 0
+        self.inbox: deque[Frame] = deque()
+        self.outbox: deque[Buffer] = deque()
+        """Buffers the pipe would not take yet, in order; the first may be the unwritten end of one."""
         self.queue: dict[int, Attempt] = {}
         """Attempts handed to this worker and not yet reported, by id, in the order sent."""
         self.current: int | None = None
@@ -101,53 +109,52 @@ class WorkerHandle:
             if self.result_fd < 0:
                 return False
             try:
-                data = os.read(self.result_fd, READ_SIZE)
+                count = self.reader.read(self.result_fd, self.inbox)
             except BlockingIOError:
                 return False
             except OSError:
-                data = b""
-            if not data:
+                count = 0
+            if not count:
                 # the worker is exiting; its exit is reported by its watcher
                 self.loop.remove_reader(self.result_fd)
                 os.close(self.result_fd)
                 self.result_fd = -1
                 return False
-            self.inbox.extend(self.reader.feed(data))
-            if len(data) < READ_SIZE:
+            if count < READ_SIZE:
                 return False
         return True
 
     # ================================================================== writing
 
-    def send(self, data: bytes) -> None:
+    def send(self, *buffers: Buffer) -> None:
+        """Write ``buffers`` to the worker in order; what the pipe will not take yet waits (uncopied)."""
         if self.task_fd < 0:
             return
-        if self.outbox:
-            self.outbox += data
+        outbox = self.outbox
+        if outbox:
+            outbox.extend(buffers)
             return
+        size = sum(map(len, buffers))
         try:
-            written = os.write(self.task_fd, data)
+            written = write_once(self.task_fd, buffers, size)
         except BlockingIOError:
             written = 0
         except OSError:
             return  # the worker is gone; its exit is reported by its watcher
-        if written < len(data):
-            self.outbox += data[written:]
+        if written < size:
+            outbox.extend(buffers)
+            drop_written(outbox, written)
             self.loop.add_writer(self.task_fd, self._flush)
 
     def _flush(self) -> None:
         outbox = self.outbox
         try:
-            with memoryview(outbox) as view:
-                written = os.write(self.task_fd, view[self.outbox_sent :])
+            write_some(self.task_fd, outbox)
         except BlockingIOError:
             return
         except OSError:
-            written = len(outbox)  # the worker is gone; its exit is reported by its watcher
-        self.outbox_sent += written
-        if self.outbox_sent >= len(outbox):
-            outbox.clear()
-            self.outbox_sent = 0
+            outbox.clear()  # the worker is gone; its exit is reported by its watcher
+        if not outbox:
             self.loop.remove_writer(self.task_fd)
             if self.state is RETIRING and not self.queue:
                 self.close_task_pipe(drop_outbox=False)
@@ -155,7 +162,7 @@ class WorkerHandle:
     def close_task_pipe(self, *, drop_outbox: bool) -> None:
         """End the worker's task pipe: it exits once it reads that (after any outbox bytes).
 
-        With bytes still in the outbox, the pipe stays open (they are sent first) unless
+        With buffers still in the outbox, the pipe stays open (they are sent first) unless
         ``drop_outbox``, which the server sets when it is stopping.
         """
         if self.task_fd < 0 or (self.outbox and not drop_outbox):
@@ -164,7 +171,6 @@ class WorkerHandle:
         os.close(self.task_fd)
         self.task_fd = -1
         self.outbox.clear()
-        self.outbox_sent = 0
 
     def close_pipes(self) -> None:
         if self.task_fd >= 0:

@@ -34,8 +34,12 @@ from taskplex_mp.forkserver import REQUEST
 from taskplex_mp.worker import run_forked
 
 __all__ = [
+    "FDS_PER_WORKER",
+    "MEMORY_PER_WORKER",
     "START_METHODS",
     "ForkServer",
+    "Reaper",
+    "check_capacity",
     "describe_exit",
     "fork_worker",
     "kill_group",
@@ -53,6 +57,13 @@ START_METHODS: tuple[str, ...] = tuple(
     )
     if available
 )
+
+FDS_PER_WORKER = 3
+"""File descriptors the server holds per worker: its two pipe ends and an exit watcher."""
+FDS_SPARE = 64
+"""File descriptors left for everything else the program opens."""
+MEMORY_PER_WORKER = 12 * 2**20
+"""Bytes a worker process takes at least (an interpreter that imported taskplex's worker)."""
 
 ExitCallback = Callable[[int | None], None]
 """Called with the exit code (negative: the signal that ended it; None: not known)."""
@@ -257,3 +268,95 @@ class ForkServer:
             self._ready.set_result(None)
         self.exited.set_result(code)
         self._on_lost(self)
+
+
+class Reaper:
+    """The server side of :mod:`taskplex_mp.reaper`: tell it which process groups to kill if the
+    server goes away; close it when the server stops (it exits then)."""
+
+    def __init__(self) -> None:
+        code = "from taskplex_mp.reaper import main; main()"
+        self._process = subprocess.Popen(
+            _interpreter(code),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # neither Ctrl-C nor the end of the caller's group reach it
+        )
+        assert self._process.stdin is not None
+        self._pipe = self._process.stdin.fileno()
+        os.set_blocking(self._pipe, False)
+
+    @property
+    def fd(self) -> int:
+        """The server's end of the pipe; a forked worker must close it (or the reaper would wait
+        for the worker's descendants too)."""
+        return self._pipe
+
+    def watch(self, pgid: int) -> None:
+        """Kill process group ``pgid`` if the server goes away while it exists."""
+        self._send(b"+%d\n" % pgid)
+
+    def forget(self, pgid: int) -> None:
+        """Process group ``pgid`` is gone (the server killed it and reaped its leader)."""
+        self._send(b"-%d\n" % pgid)
+
+    def _send(self, line: bytes) -> None:
+        with contextlib.suppress(OSError):  # a full pipe or a dead reaper: nothing to wait for
+            os.write(self._pipe, line)
+
+    def close(self, timeout: float) -> None:
+        """End the reaper (every group it knows is gone by now); wait for it up to ``timeout``."""
+        assert self._process.stdin is not None
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def check_capacity(workers: int) -> None:
+    """Refuse a pool this machine cannot start, before anything starts, saying what limits it.
+
+    The open-files limit is raised to its hard limit when that is what it takes.
+    """
+    import resource
+
+    needed = workers * FDS_PER_WORKER + FDS_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        if hard == resource.RLIM_INFINITY or needed <= hard:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+                soft = needed
+        if needed > soft:
+            raise ValueError(
+                f"workers={workers} needs about {needed} open files but this process may open "
+                f"{soft} (`ulimit -n`, at most {hard} without privileges); raise the limit or use "
+                f"at most {max(1, (soft - FDS_SPARE) // FDS_PER_WORKER)} workers"
+            )
+    processes_limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    if processes_limit != resource.RLIM_INFINITY and workers >= processes_limit:
+        raise ValueError(
+            f"workers={workers} processes exceed this user's process limit ({processes_limit}, "
+            "`ulimit -u`); use fewer workers"
+        )
+    available = _memory_available()
+    if available is not None and workers * MEMORY_PER_WORKER > available:
+        raise ValueError(
+            f"workers={workers} processes need at least {workers * MEMORY_PER_WORKER >> 20} MB "
+            f"but this machine has {available >> 20} MB available; use at most "
+            f"{max(1, available // MEMORY_PER_WORKER)} workers"
+        )
+
+
+def _memory_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -67,11 +67,11 @@ from taskplex_mp._frames import (
     RESULT,
     REVOKE,
     SECONDS,
-    SIZE,
     SKIPPED,
     STARTED,
-    TASK,
+    Payload,
     frame,
+    task_frame,
 )
 from taskplex_mp._worker_handle import (
     DEAD,
@@ -165,12 +165,14 @@ class MultiprocessingBackend(Backend):
         self._start_failures = 0
         self._broken: str | None = None
         self._forkserver: processes.ForkServer | None = None
+        self._reaper: processes.Reaper | None = None
         self._config: dict[str, Any] = {}
         self._all_ready: asyncio.Future[None] | None = None
 
     # ================================================================== start and stop
 
     async def start(self, context: BackendContext) -> None:
+        processes.check_capacity(context.workers)
         self._context = context
         self.workers = context.workers
         self._depth = 1
@@ -184,6 +186,8 @@ class MultiprocessingBackend(Backend):
         }
         self._all_ready = loop.create_future()
         try:
+            # started first, so that no worker (and nothing its task starts) can outlive the caller
+            self._reaper = processes.Reaper()
             if self.start_method == "forkserver":
                 self._forkserver = self._new_forkserver()
                 await self._forkserver.ready(START_TIMEOUT)
@@ -223,6 +227,8 @@ class MultiprocessingBackend(Backend):
             if not forkserver.exited.done():
                 forkserver.kill()
                 await asyncio.wait([forkserver.exited], timeout=STOP_GRACE)
+        if self._reaper is not None:
+            await asyncio.to_thread(self._reaper.close, STOP_GRACE)
         self._reset(stopping=True)
 
     def _new_forkserver(self) -> processes.ForkServer:
@@ -251,6 +257,8 @@ class MultiprocessingBackend(Backend):
                 self._watch(worker, worker.popen.pid)
             elif self.start_method == "fork":
                 others = [fd for w in self._workers for fd in (w.task_fd, w.result_fd) if fd >= 0]
+                if self._reaper is not None:
+                    others.append(self._reaper.fd)
                 pid = processes.fork_worker(task_r, result_w, [task_w, result_r, *others])
                 self._watch(worker, pid)
             else:
@@ -269,12 +277,19 @@ class MultiprocessingBackend(Backend):
 
     def _watch(self, worker: WorkerHandle, pid: int) -> None:
         worker.pid = pid
+        self._guard(pid)
         processes.watch_exit(self._running_loop(), pid, lambda code: self._on_exit(worker, code))
+
+    def _guard(self, pid: int) -> None:
+        """Have the reaper kill the worker's process group if this process goes away."""
+        if self._reaper is not None:
+            self._reaper.watch(pid)
 
     def _on_forked(self, request_id: int, pid: int) -> None:
         worker = self._by_request.pop(request_id, None)
         if worker is not None:
             worker.pid = pid
+            self._guard(pid)
             self._by_pid[pid] = worker
 
     def _on_forkserver_exit(self, pid: int, code: int) -> None:
@@ -362,9 +377,7 @@ class MultiprocessingBackend(Backend):
             worker.queue[token] = attempt
             self._assigned[token] = worker
             function, arguments = attempt.payload
-            frames.setdefault(worker, []).append(
-                frame(TASK, token, SIZE.pack(len(function)) + function + arguments)
-            )
+            frames.setdefault(worker, []).extend(task_frame(token, function, arguments))
             if worker.budget is not None:
                 worker.budget -= 1
                 if worker.budget == 0:
@@ -372,7 +385,7 @@ class MultiprocessingBackend(Backend):
             if worker.state is READY and cores == 1 and load + 1 < depth:
                 heapq.heappush(room, (load + 1, index, worker))
         for worker, batch in frames.items():
-            worker.send(b"".join(batch))
+            worker.send(*batch)
 
     def _schedule_hand_out(self) -> None:
         if self._backlog and not self._hand_out_scheduled:
@@ -426,7 +439,7 @@ class MultiprocessingBackend(Backend):
             elif kind == HELLO:
                 self._on_hello(worker, token)
 
-    def _on_outcome(self, worker: WorkerHandle, kind: int, token: int, payload: bytes) -> None:
+    def _on_outcome(self, worker: WorkerHandle, kind: int, token: int, payload: Payload) -> None:
         (seconds,) = SECONDS.unpack_from(payload)
         previous = self._seconds
         self._seconds = seconds if previous is None else previous + _SMOOTHING * (seconds - previous)
@@ -450,9 +463,9 @@ class MultiprocessingBackend(Backend):
         else:
             attempt.failed(error, worker.name)
 
-    def _on_log(self, worker: WorkerHandle, payload: bytes) -> None:
+    def _on_log(self, worker: WorkerHandle, payload: Payload) -> None:
         try:
-            record = unpack_record(payload)
+            record = unpack_record(bytes(payload))  # the same bytes, unless a large record's bytearray
         except Exception as exc:  # it holds an object of a class this process cannot import
             logger.warning("a log record from worker %s cannot be unpickled here: %r", worker.name, exc)
             return
@@ -542,6 +555,8 @@ class MultiprocessingBackend(Backend):
             worker.popen.returncode = code  # reaped by the watcher
         if worker.pid is not None:
             processes.kill_group(worker.pid)  # whatever its task started and left behind
+            if self._reaper is not None:
+                self._reaper.forget(worker.pid)
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
         self._busy -= worker.cores
@@ -609,3 +624,4 @@ class MultiprocessingServer(TaskServer):
         super().__init__(
             backend, workers=default_workers() if workers is None else workers, queue_size=queue_size
         )
+        processes.check_capacity(self.workers)  # a clear error now, not EMFILE half-way through

@@ -6,6 +6,9 @@ before in a single write, and run it. Between two tasks the worker always looks 
 so a task the server revoked before it started never runs. When the server closes the pipe (or dies:
 the pipe ends too), the worker exits without starting anything else.
 
+A large argument is unpickled from the bytearray it was read into, and a large result is written
+from its pickle: neither is copied on the way (:mod:`taskplex_mp._frames`).
+
 Log records go to the server as they are emitted; print output goes to the inherited stdout and
 stderr, flushed after each task so that nothing is lost if the worker is killed later.
 """
@@ -28,13 +31,7 @@ from typing import Any, NoReturn
 
 from taskplex.errors import SerializationError
 from taskplex.remote_logging import apply_logger_levels, pack_record
-from taskplex.serialization import (
-    dumps_exception,
-    dumps_result,
-    loads,
-    loads_arguments,
-    loads_function,
-)
+from taskplex.serialization import dumps_exception, dumps_result, loads, loads_function
 from taskplex_mp._frames import (
     CONFIG,
     ERROR,
@@ -43,13 +40,16 @@ from taskplex_mp._frames import (
     READ_SIZE,
     RESULT,
     REVOKE,
-    SECONDS,
     SIZE,
     SKIPPED,
     STARTED,
     TASK,
+    Buffer,
+    Frame,
     FrameReader,
+    Payload,
     frame,
+    outcome_frame,
     write_all,
 )
 
@@ -123,7 +123,7 @@ class _Worker:
         self.task_fd = task_fd
         self.result_fd = result_fd
         self.reader = FrameReader()
-        self.pending: deque[tuple[int, bytes]] = deque()
+        self.pending: deque[tuple[int, Payload]] = deque()
         self.config: dict[str, Any] | None = None
         self.closed = False
         self._write_lock = threading.Lock()
@@ -131,15 +131,15 @@ class _Worker:
         self._poller = select.poll()
         self._poller.register(task_fd, select.POLLIN)
 
-    def send(self, data: bytes | bytearray) -> None:
+    def send(self, *buffers: Buffer) -> None:
         """Write frames to the server; log records may come from the task's own threads."""
         with self._write_lock:
-            write_all(self.result_fd, data)
+            write_all(self.result_fd, buffers)
 
     def configure(self) -> bool:
         """Apply the CONFIG frame and say HELLO; False if the server closed the pipe first."""
         while self.config is None:
-            self.receive(bytearray(), wait=True)
+            self.receive([], wait=True)
             if self.closed:
                 return False
         sys.path[:] = self.config["sys_path"]
@@ -157,70 +157,80 @@ class _Worker:
         self.send(frame(HELLO, os.getpid()))
         return True
 
-    def receive(self, out: bytearray, *, wait: bool) -> None:
+    def receive(self, out: list[bytes], *, wait: bool) -> None:
         """Take in the frames that have arrived; with ``wait``, block until some bytes do."""
-        if wait:
-            self._poller.poll()
+        # ask first even when not waiting: most times nothing has come, and a read finding nothing
+        # costs more (it raises)
+        if not self._poller.poll(None if wait else 0):
+            return
         while True:
+            frames: list[Frame] = []
             try:
-                data = os.read(self.task_fd, READ_SIZE)
+                count = self.reader.read(self.task_fd, frames)
             except BlockingIOError:
                 return
-            if not data:
+            if not count:
                 self.closed = True
                 return
-            for kind, token, payload in self.reader.feed(data):
+            for kind, token, payload in frames:
                 if kind == TASK:
                     self.pending.append((token, payload))
                 elif kind == REVOKE:
                     self.revoke(token, out)
                 elif kind == CONFIG:
                     self.config = loads(payload)
-            if len(data) < READ_SIZE:
+            if count < READ_SIZE:
                 return
 
-    def revoke(self, token: int, out: bytearray) -> None:
+    def revoke(self, token: int, out: list[bytes]) -> None:
         for index, (pending_token, _) in enumerate(self.pending):
             if pending_token == token:
                 del self.pending[index]
-                out += frame(SKIPPED, token)
+                out.append(frame(SKIPPED, token))
                 return
         # already run: its outcome was written before this frame was read
 
     def serve(self) -> None:
-        out = bytearray()
+        out: list[bytes] = []
         pending = self.pending
         while True:
             if not pending and out:
-                self.send(out)
-                out = bytearray()
+                self.send(*out)
+                out = []
             self.receive(out, wait=not pending)
             if self.closed:
                 if out:
-                    self.send(out)
+                    self.send(*out)
                 return
             if not pending:
                 continue
             token, payload = pending.popleft()
-            out += frame(STARTED, token)
-            self.send(out)
-            out = bytearray(execute(token, payload))
+            out.append(frame(STARTED, token))
+            self.send(*out)
+            out = execute(token, payload)
             flush_output()
 
 
-def execute(token: int, payload: bytes) -> bytes:
-    """Run one task; return its RESULT or ERROR frame."""
+def execute(token: int, payload: Payload) -> list[bytes]:
+    """Run one task; return its RESULT or ERROR frame, as buffers to write."""
     started = time.perf_counter()
     try:
         (length,) = SIZE.unpack_from(payload)
-        function = loads_function(payload[SIZE.size : SIZE.size + length])
-        args, kwargs = loads_arguments(payload[SIZE.size + length :])
+        start = SIZE.size + length
+        arguments: bytes | memoryview
+        if isinstance(payload, bytearray):  # a large frame's: views of it, not copies
+            view = memoryview(payload)
+            function_data, arguments = bytes(view[SIZE.size : start]), view[start:]
+        else:
+            function_data, arguments = payload[SIZE.size : start], payload[start:]
+        function = loads_function(function_data)  # bytes: the functions loaded are cached by them
+        args, kwargs = loads(arguments)
     except BaseException as exc:  # even SystemExit from an argument's unpickling fails the task only
         error = SerializationError(
             f"the worker (pid {os.getpid()}) could not unpickle the task: {type(exc).__name__}: {exc}"
         )
         error.__cause__ = exc
-        return frame(ERROR, token, SECONDS.pack(0.0) + dumps_exception(error))
+        return outcome_frame(ERROR, token, 0.0, dumps_exception(error))
     try:
         result = function(*args, **kwargs)
     except BaseException as exc:  # the task's own failure, SystemExit included, ends only the task
@@ -234,7 +244,7 @@ def execute(token: int, payload: bytes) -> bytes:
             error = SerializationError(f"cannot pickle the task's result: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
             kind, body = ERROR, dumps_exception(error)
-    return frame(kind, token, SECONDS.pack(time.perf_counter() - started) + body)
+    return outcome_frame(kind, token, time.perf_counter() - started, body)
 
 
 def flush_output() -> None:
