@@ -260,3 +260,50 @@ def test_bad_options_are_rejected() -> None:
         AsyncServer(workers=0)
     with pytest.raises(taskplex.InvalidOption, match="queue_size must be an int >= 0"):
         AsyncServer(queue_size=-1)
+
+
+# ------------------------------------------------------------------------------ misbehaving coroutines
+
+
+async def swallows_cancellation() -> str:
+    while True:
+        try:
+            await asyncio.sleep(BOUND)
+        except asyncio.CancelledError:
+            continue  # refuses to stop
+
+
+async def blocks_the_loop(seconds: float) -> str:
+    time.sleep(seconds)  # a blocking call inside a coroutine
+    return "too late"
+
+
+def test_a_coroutine_that_swallows_its_cancellation_cannot_hang_the_shutdown(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from taskplex_async import server
+
+    monkeypatch.setattr(server, "STOP_GRACE", 0.3)
+    executor = taskplex.Executor("async", workers=1)
+    stubborn = executor.submit_task(Task(swallows_cancellation, timeout=0.1))
+    assert isinstance(stubborn.exception(timeout=BOUND), TaskTimeout)
+    after = executor.submit(abs, -2)
+    assert after.result(timeout=BOUND) == 2, "the slot of the stubborn coroutine was given up on"
+    done = threading.Thread(target=executor.shutdown)
+    done.start()
+    done.join(BOUND)
+    assert not done.is_alive(), "shutdown hung on a coroutine that swallows its cancellation"
+    assert "did not stop within 0.3 s" in caplog.text
+    assert "swallows_cancellation" in caplog.text
+
+
+def test_a_coroutine_blocking_the_loop_past_its_timeout_is_timed_out_and_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with taskplex.Executor("async", workers=2) as executor:
+        future = executor.submit_task(Task(blocks_the_loop, (0.6,), timeout=0.2))
+        error = future.exception(timeout=BOUND)
+    assert isinstance(error, TaskTimeout), repr(error)
+    assert future.task.result is None, "its late result is discarded"
+    assert "blocked the event loop for 0.6" in caplog.text
+    assert "blocks_the_loop" in caplog.text
