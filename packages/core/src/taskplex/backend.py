@@ -90,6 +90,7 @@ class Attempt:
     """
 
     __slots__ = (
+        "_deadline",
         "_lent",
         "_over_gate",
         "_server",
@@ -113,6 +114,7 @@ class Attempt:
         self._over_gate = [LAUNCHED]
         self._started_here = False
         self._lent = False
+        self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.id = attempt_id
         self.task = task
@@ -337,6 +339,10 @@ class CoroutineBackend(Backend):
         running = self._running.get(attempt.id)
         if running is not None:
             running.cancel()
+
+    def is_running(self, attempt: Attempt) -> bool:
+        """Whether the coroutine of ``attempt`` has not ended yet."""
+        return attempt.id in self._running
 
     async def _run(self, attempt: Attempt) -> None:
         try:

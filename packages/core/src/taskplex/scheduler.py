@@ -491,9 +491,11 @@ class TaskServer(Server):
                 future.set_running_or_notify_cancel()
             if self._hook_started is not None:
                 self._call_hook(self._hook_started, task)
-        if task.timeout is not None and attempt._state is not OVER:
-            assert self._loop is not None
-            attempt._timer = self._loop.call_later(task.timeout, self._time_out, attempt)
+        if task.timeout is not None:
+            attempt._deadline = time.monotonic() + task.timeout
+            if attempt._state is not OVER:
+                assert self._loop is not None
+                attempt._timer = self._loop.call_later(task.timeout, self._time_out, attempt)
 
     def _on_over(
         self,
@@ -511,6 +513,9 @@ class TaskServer(Server):
                 self._on_started(attempt, worker)
             if worker is not None:
                 task.worker = worker
+            if attempt._deadline is not None and time.monotonic() > attempt._deadline:
+                # the timer could not fire: the loop was blocked past the deadline (by the task)
+                error = TaskTimeout(f"{task!r} exceeded its timeout of {task.timeout} s")
             if error is None:
                 self._finish(task, TaskStatus.SUCCEEDED, result=result)
             else:
