@@ -42,6 +42,7 @@ from taskplex._callable_ref import import_callable
 from taskplex.cli import EXIT_INTERRUPTED, CommandLineError, discard_stdout
 from taskplex.errors import TaskCancelled, UnpicklableError
 from taskplex.executor import Executor
+from taskplex.progress import ProgressBar
 from taskplex.server import Server
 
 __all__ = ["run_map"]
@@ -67,7 +68,7 @@ def run_map(
     with (
         _open_inputs(inputs) as input_stream,
         _open_output(output) as output_stream,
-        _Progress(_count_tasks(inputs)) as progress,
+        ProgressBar(_count_tasks(inputs), shown=ProgressBar.on_a_terminal()) as progress,
         interrupts.installed(),
     ):
         started = time.perf_counter()
@@ -119,7 +120,7 @@ class _MapRun:
         executor: Executor,
         function: Callable[..., Any],
         output: IO[str],
-        progress: _Progress,
+        progress: ProgressBar,
         interrupts: _Interrupts,
     ) -> None:
         self.executor = executor
@@ -333,51 +334,10 @@ def _task_lines(stream: IO[bytes], path: str) -> Iterator[tuple[str, bytes]]:
 
 def _count_tasks(path: str) -> int | None:
     """The number of non-blank lines, for the progress bar; only when a bar is shown."""
-    if path == "-" or not _Progress.wanted():
+    if path == "-" or not ProgressBar.on_a_terminal():
         return None
     with open(path, "rb") as stream:
         return sum(1 for line in stream if line.strip())
-
-
-class _Progress:
-    """A tqdm bar on stderr when tqdm is installed and stderr is a terminal; otherwise silent."""
-
-    def __init__(self, total: int | None) -> None:
-        self._bar: Any = None
-        if self.wanted():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="task", file=sys.stderr, dynamic_ncols=True)
-
-    @staticmethod
-    def wanted() -> bool:
-        try:
-            import tqdm  # noqa: F401
-        except ImportError:
-            return False
-        return sys.stderr.isatty()
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-    def advance(self, count: int) -> None:
-        if self._bar is not None and count:
-            self._bar.update(count)
-
-    def show_failed(self, failed: int) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix(failed=failed, refresh=False)
-
-    def note(self, message: str) -> None:
-        """Print a line on stderr without breaking the bar."""
-        if self._bar is not None:
-            self._bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr)
 
 
 class _Interrupts:

@@ -27,6 +27,7 @@ import concurrent.futures as cf
 import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
 import functools
 import itertools
+import logging
 import queue
 import sys
 import threading
@@ -38,6 +39,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 from taskplex.backend import current_attempt, is_coroutine_function
 from taskplex.errors import InvalidOption
 from taskplex.plugins import create_server
+from taskplex.progress import ProgressBar
 from taskplex.results import ResultsQueue
 from taskplex.scheduler import TaskServer
 from taskplex.server import Server
@@ -50,6 +52,7 @@ T = TypeVar("T")
 
 # the standard library's future states (concurrent.futures._base) in which a future is done
 _DONE_STATES = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
+_CANCELLED_STATES = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED"})
 
 
 class TaskFuture(cf.Future[Any]):
@@ -76,23 +79,59 @@ class TaskFuture(cf.Future[Any]):
         self._runner = runner
         self.task = task
 
+    # The futures of an executor share one lock, which the loop thread takes to deliver results:
+    # the caller's thread takes it only to wait (and then inside try, so that a Ctrl-C landing
+    # half-way cannot leave it held). Everything else it calls reads or changes a future's state
+    # without the lock, in single atomic steps.
+
     def cancel(self) -> bool:
         if self._state != "PENDING":
-            return self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED")
+            return self._state in _CANCELLED_STATES
         server = self.task._server
         cancelled = server.cancel_task(self.task, running=False) if server else self.task.cancel()
         if cancelled:
-            super().cancel()
+            # the task will never start, so the loop never moves this future to RUNNING: only
+            # this thread changes its state now. The loop wakes waiters when it delivers the task.
+            self._state = "CANCELLED"
+            self._invoke_callbacks()
         return cancelled
 
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
+    def running(self) -> bool:
+        return self._state == "RUNNING"
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED_STATES
+
+    def add_done_callback(self, fn: Callable[[cf.Future[Any]], object]) -> None:
+        if self._state not in _DONE_STATES:
+            self._done_callbacks.append(fn)
+            if self._state not in _DONE_STATES:
+                return
+            try:  # it finished meanwhile: whoever takes the callback off the list calls it
+                self._done_callbacks.remove(fn)
+            except ValueError:
+                return
+        _call_back(fn, self)
+
     def _invoke_callbacks(self) -> None:
-        invoke = super()._invoke_callbacks  # type: ignore[misc]
         runner = self._runner
         if self._done_callbacks and runner is not None and runner.on_loop_thread():
             # a callback may block (wait for another future): never on the loop that delivers them
-            runner.callbacks.run(invoke)
+            runner.callbacks.run(self._run_callbacks)
         else:
-            invoke()
+            self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        callbacks = self._done_callbacks
+        while callbacks:
+            try:
+                fn = callbacks.pop(0)
+            except IndexError:  # add_done_callback took it back to call it itself
+                return
+            _call_back(fn, self)
 
     def _wait_done(self, timeout: float | None) -> None:
         if self._state in _DONE_STATES:
@@ -115,29 +154,46 @@ class TaskFuture(cf.Future[Any]):
     def _wait_until_done(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         condition = self._condition
-        condition.acquire()
         try:
+            condition.acquire()
             while self._state not in _DONE_STATES:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"{self.task!r} did not finish within {timeout} s")
                 condition.wait(remaining)
         finally:
-            # A Ctrl-C inside wait() can land while it re-takes the lock: then it is not ours
-            # to give back, and the interrupt, not a RuntimeError, must reach the caller.
-            if condition._is_owned():  # type: ignore[attr-defined]
-                condition.release()
+            _release_if_held(condition)
 
     def result(self, timeout: float | None = None) -> Any:
         # A finished future never changes again, so its value can be read without the lock.
         if self._state == "FINISHED" and self._exception is None:
             return self._result
         self._wait_done(timeout)
-        return super().result(0)
+        if self._state in _CANCELLED_STATES:
+            raise cf.CancelledError()
+        if self._exception is not None:
+            raise self._exception
+        return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._wait_done(timeout)
-        return super().exception(0)
+        if self._state in _CANCELLED_STATES:
+            raise cf.CancelledError()
+        return self._exception
+
+
+def _call_back(fn: Callable[[cf.Future[Any]], object], future: TaskFuture) -> None:
+    try:
+        fn(future)
+    except Exception:
+        logging.getLogger("concurrent.futures").exception("exception calling callback for %r", future)
+
+
+def _release_if_held(condition: threading.Condition) -> None:
+    """Release ``condition`` if this thread holds it: a Ctrl-C may have landed before the acquire
+    completed, or inside ``wait()`` while it took the lock back."""
+    if condition._is_owned():  # type: ignore[attr-defined]
+        condition.release()
 
 
 class _FutureDelivery(ResultsQueue):
@@ -153,6 +209,9 @@ class _FutureDelivery(ResultsQueue):
             elif task.status is TaskStatus.CANCELLED and not future.running():
                 if future._state == "PENDING":
                     cf.Future.cancel(future)
+                else:  # cancelled by the caller's Future.cancel(), which woke nobody
+                    with future._condition:
+                        future._condition.notify_all()
             else:
                 future.set_exception(task.exception)
         except cf.InvalidStateError:
@@ -432,24 +491,34 @@ class Executor(cf.Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        progress: bool | str = False,
     ) -> Iterator[T]:
         """Like :meth:`concurrent.futures.Executor.map`; results come in the order of the inputs.
 
         With ``chunksize > 1`` each task calls ``fn`` on ``chunksize`` consecutive inputs, which cuts
         the per-task cost for short calls on every backend. As in the standard library's process
         pool, an exception fails its whole chunk and is raised when iteration reaches that chunk.
+        ``progress=True`` (or a description) draws a bar of finished calls on standard error.
+        When iteration stops early, the calls that have not started are cancelled.
         """
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        end_time = None if timeout is None else time.monotonic() + timeout
+        calls = zip(*iterables, strict=False)
         if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        calls = iter(zip(*iterables, strict=False))
-        chunks = iter(lambda: tuple(itertools.islice(calls, chunksize)), ())
-        call_chunk: Callable[..., Any] = _await_chunk if is_coroutine_function(fn) else _call_chunk
-        per_chunk: Iterator[list[T]] = super().map(
-            functools.partial(call_chunk, fn), chunks, timeout=timeout
+            futures = [(self.submit(fn, *args), 1) for args in calls]
+        else:
+            call_chunk: Callable[..., Any] = _await_chunk if is_coroutine_function(fn) else _call_chunk
+            chunks = iter(lambda: tuple(itertools.islice(calls, chunksize)), ())
+            futures = [(self.submit(call_chunk, fn, chunk), len(chunk)) for chunk in chunks]
+        bar = ProgressBar(
+            sum(size for _, size in futures),
+            shown=bool(progress),
+            description=progress if isinstance(progress, str) else None,
         )
-        return itertools.chain.from_iterable(per_chunk)
+        for future, size in futures:
+            future.add_done_callback(functools.partial(_advance, bar, size))
+        return _results_in_order(futures, end_time, chunksize > 1, bar)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks, then stop the server once submitted tasks are done.
@@ -499,6 +568,39 @@ class Executor(cf.Executor):
             runner.server.cancel()
             runner.join()
             raise
+
+
+def _results_in_order(
+    futures: list[tuple[cf.Future[Any], int]],
+    end_time: float | None,
+    chunked: bool,
+    bar: ProgressBar,
+) -> Iterator[Any]:
+    """Yield the results of ``futures`` in order; on an early exit, cancel what has not started."""
+    pending = [future for future, _ in reversed(futures)]
+    del futures  # only `pending` holds them: a result is dropped once yielded
+    try:
+        while pending:
+            future = pending.pop()
+            remaining = None if end_time is None else end_time - time.monotonic()
+            try:
+                result = future.result(remaining)
+            except TimeoutError:
+                future.cancel()
+                raise
+            if chunked:
+                yield from result
+            else:
+                yield result
+            del future, result
+    finally:
+        for future in pending:
+            future.cancel()
+        bar.close()
+
+
+def _advance(bar: ProgressBar, size: int, _: object) -> None:
+    bar.advance(size)
 
 
 def _call_chunk(fn: Callable[..., T], calls: tuple[tuple[Any, ...], ...]) -> list[T]:
