@@ -158,3 +158,7 @@ class MemoryProbe:
 def make_probed(size: int) -> tuple[MemoryProbe, bytes]:
     """``size`` bytes, after a probe: it notes the caller's memory before they are unpickled."""
     return MemoryProbe(), b"x" * size
+
+
+def log_debug(logger_name: str) -> None:
+    logging.getLogger(logger_name).debug("debug from %s", logger_name)

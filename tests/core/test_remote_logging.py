@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from taskplex.remote_logging import (
+    LevelWatch,
     apply_logger_levels,
     emit_record,
     logger_levels,
@@ -87,5 +88,39 @@ def test_levels_are_copied() -> None:
         logger.setLevel(logging.NOTSET)
         apply_logger_levels(levels)
         assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(logging.NOTSET)
+
+
+def test_level_watch_notices_a_change_and_only_a_change() -> None:
+    logger = logging.getLogger("tests.remote_logging.watch")
+    watch = LevelWatch()
+    try:
+        assert watch.changed() is None
+        logger.setLevel(logging.DEBUG)
+        changed = watch.changed()
+        assert changed is not None
+        assert changed["tests.remote_logging.watch"] == logging.DEBUG
+        assert watch.changed() is None, "the same levels were reported twice"
+        logger.setLevel(logging.DEBUG)  # clears the caches, but changes nothing
+        assert watch.changed() is None
+        logging.disable(logging.CRITICAL)
+        logging.disable(logging.NOTSET)
+        assert watch.changed() is None
+        logger.setLevel(logging.NOTSET)
+        changed = watch.changed()
+        assert changed is not None
+        assert "tests.remote_logging.watch" not in changed
+    finally:
+        logger.setLevel(logging.NOTSET)
+
+
+def test_unset_levels_are_unset_where_applied() -> None:
+    logger = logging.getLogger("tests.remote_logging.unset")
+    try:
+        apply_logger_levels({"tests.remote_logging.unset": logging.ERROR})
+        assert logger.level == logging.ERROR
+        apply_logger_levels({}, previous={"tests.remote_logging.unset": logging.ERROR})
+        assert logger.level == logging.NOTSET
     finally:
         logger.setLevel(logging.NOTSET)

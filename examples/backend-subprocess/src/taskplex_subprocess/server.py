@@ -55,7 +55,7 @@ from taskplex import (
 )
 from taskplex.backend import Attempt, Backend, BackendContext
 from taskplex.errors import ExceptionPayload, restore_exception
-from taskplex.remote_logging import emit_record, logger_levels, unpack_record
+from taskplex.remote_logging import LevelWatch, emit_record, unpack_record
 from taskplex.serialization import dumps_call, loads
 from taskplex_subprocess._wire import GO, LOG, READY, RESULT
 from taskplex_subprocess._worker_process import WorkerProcess, describe_exit
@@ -154,6 +154,7 @@ class SubprocessBackend(Backend):
         self.label = check_label(label)
         self._context: BackendContext | None = None
         self._config = b""
+        self._levels = LevelWatch()
         self._env: dict[str, str] = {}
         self._workers: dict[int, WorkerProcess] = {}
 
@@ -171,10 +172,14 @@ class SubprocessBackend(Backend):
                 )
             _usable_interpreters.add(self.python)
         self._context = context
-        # as the caller is configured when the server starts: workers log at the same levels
-        config = {"sys_path": sys.path, "log_levels": logger_levels()}
-        self._config = pickle.dumps(config, pickle.HIGHEST_PROTOCOL)
+        # workers log at the caller's levels, as they are when each attempt starts
+        self._levels = LevelWatch()
+        self._config = self._pickled_config()
         self._env = {**os.environ, LABEL_VARIABLE: self.label}
+
+    def _pickled_config(self) -> bytes:
+        config = {"sys_path": sys.path, "log_levels": self._levels.levels}
+        return pickle.dumps(config, pickle.HIGHEST_PROTOCOL)
 
     async def stop(self) -> None:
         # every attempt was reported over, unless the server gave up waiting for one
@@ -208,6 +213,8 @@ class SubprocessBackend(Backend):
                 continue
             self._workers[attempt.id] = worker
             worker.ended.add_done_callback(functools.partial(self._on_end, attempt, worker))
+            if self._levels.changed() is not None:
+                self._config = self._pickled_config()
             worker.send(self._config)
             worker.send(attempt.payload)
 

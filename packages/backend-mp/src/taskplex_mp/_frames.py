@@ -11,8 +11,8 @@ the pickles it carries. A frame of ``LARGE`` bytes or more is read straight from
 bytearray of its size, which is the payload handed out (pickle loads from it as it is).
 
 Server to worker: CONFIG (once, first), TASK (token = the attempt's token; payload = the function's
-pickle length, the function, the arguments), REVOKE (do not start this task). Closing the pipe tells
-the worker to exit.
+pickle length, the function, the arguments), REVOKE (do not start this task), LEVELS (the caller's
+logger levels changed: a pickled dict of them). Closing the pipe tells the worker to exit.
 
 Worker to server: HELLO (ready; token = pid), STARTED (token now executes), RESULT and ERROR (token
 ended; payload = seconds it ran, then the pickled result or exception), SKIPPED (a revoked token
@@ -57,7 +57,7 @@ SIZE = struct.Struct("<I")
 SECONDS = struct.Struct("<d")
 SIGNED = struct.Struct("<q")
 
-CONFIG, TASK, REVOKE = 1, 2, 3
+CONFIG, TASK, REVOKE, LEVELS = 1, 2, 3, 4
 HELLO, STARTED, RESULT, ERROR, SKIPPED, LOG = 10, 11, 12, 13, 14, 15
 FORKED, EXITED = 20, 21
 

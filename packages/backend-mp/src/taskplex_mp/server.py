@@ -55,7 +55,7 @@ from taskplex.errors import (
     WorkerLost,
     restore_exception,
 )
-from taskplex.remote_logging import emit_record, logger_levels, unpack_record
+from taskplex.remote_logging import LevelWatch, emit_record, unpack_record
 from taskplex.scheduler import check_int
 from taskplex.serialization import dumps_call, loads
 from taskplex_mp import processes
@@ -63,6 +63,7 @@ from taskplex_mp._frames import (
     CONFIG,
     ERROR,
     HELLO,
+    LEVELS,
     LOG,
     RESULT,
     REVOKE,
@@ -167,6 +168,8 @@ class MultiprocessingBackend(Backend):
         self._forkserver: processes.ForkServer | None = None
         self._reaper: processes.Reaper | None = None
         self._config: dict[str, Any] = {}
+        self._levels: LevelWatch | None = None
+        self._levels_frame: bytes | None = None  # once the caller's levels changed since start
         self._all_ready: asyncio.Future[None] | None = None
 
     # ================================================================== start and stop
@@ -178,9 +181,11 @@ class MultiprocessingBackend(Backend):
         self._depth = 1
         self._reset(stopping=False)
         loop = self._running_loop()
+        self._levels = levels = LevelWatch()
+        self._levels_frame = None
         self._config = {
             "sys_path": list(sys.path),
-            "log_levels": logger_levels(),
+            "log_levels": levels.levels,
             # arguments such as multiprocessing.Manager proxies authenticate with the caller's key
             "authkey": bytes(multiprocessing.current_process().authkey),
         }
@@ -344,6 +349,8 @@ class MultiprocessingBackend(Backend):
         backlog = self._backlog
         if not backlog or self._stopping:
             return
+        if self._levels is not None and (levels := self._levels.changed()) is not None:
+            self._send_levels(levels)
         depth = self._depth
         room = [
             (len(worker.queue), index, worker)
@@ -386,6 +393,13 @@ class MultiprocessingBackend(Backend):
                 heapq.heappush(room, (load + 1, index, worker))
         for worker, batch in frames.items():
             worker.send(*batch)
+
+    def _send_levels(self, levels: dict[str, int]) -> None:
+        """The caller changed a logger level: running workers apply it before their next task."""
+        self._levels_frame = message = frame(LEVELS, 0, pickle.dumps(levels, pickle.HIGHEST_PROTOCOL))
+        for worker in self._workers:
+            if worker.state is not DEAD:
+                worker.send(message)
 
     def _schedule_hand_out(self) -> None:
         if self._backlog and not self._hand_out_scheduled:
@@ -482,6 +496,8 @@ class MultiprocessingBackend(Backend):
         worker.name = f"pid {pid}"
         if worker.state is STARTING:
             worker.state = READY
+            if self._levels_frame is not None:  # it was configured with the levels at start
+                worker.send(self._levels_frame)
         self._start_failures = 0
         self._broken = None
         all_ready = self._all_ready

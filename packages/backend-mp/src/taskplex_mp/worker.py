@@ -36,6 +36,7 @@ from taskplex_mp._frames import (
     CONFIG,
     ERROR,
     HELLO,
+    LEVELS,
     LOG,
     READ_SIZE,
     RESULT,
@@ -125,6 +126,7 @@ class _Worker:
         self.reader = FrameReader()
         self.pending: deque[tuple[int, Payload]] = deque()
         self.config: dict[str, Any] | None = None
+        self.levels: dict[str, int] = {}  # the caller's logger levels, as last told
         self.closed = False
         self._write_lock = threading.Lock()
         # poll, not select: spawned workers keep the caller's fd numbers, which may exceed 1024
@@ -153,7 +155,7 @@ class _Worker:
         for handler in root.handlers[:]:
             root.removeHandler(handler)
         root.addHandler(_ForwardLogs(self.send))
-        apply_logger_levels(self.config["log_levels"])
+        apply_logger_levels(self.levels)  # LEVELS may have come in with CONFIG: self.levels is newest
         self.send(frame(HELLO, os.getpid()))
         return True
 
@@ -177,8 +179,13 @@ class _Worker:
                     self.pending.append((token, payload))
                 elif kind == REVOKE:
                     self.revoke(token, out)
+                elif kind == LEVELS:
+                    levels = loads(payload)
+                    apply_logger_levels(levels, previous=self.levels)
+                    self.levels = levels
                 elif kind == CONFIG:
                     self.config = loads(payload)
+                    self.levels = self.config["log_levels"]
             if count < READ_SIZE:
                 return
 

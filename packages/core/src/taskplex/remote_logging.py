@@ -8,7 +8,9 @@ re-emits the record through ``logging.getLogger(record.name)`` if that logger is
 level, so the caller's own configuration decides where it goes.
 
 :func:`logger_levels` and :func:`apply_logger_levels` copy the levels configured in the caller to
-the worker, so that records the caller would drop are not even sent.
+the worker, so that records the caller would drop are not even sent. A :class:`LevelWatch` tells a
+backend, at the cost of a dictionary look-up, when the caller has changed a level since, so that
+the change reaches workers that are already running before the next task does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import logging
 import pickle
 from typing import Any
 
-__all__ = ["apply_logger_levels", "emit_record", "logger_levels", "pack_record", "unpack_record"]
+__all__ = [
+    "LevelWatch",
+    "apply_logger_levels",
+    "emit_record",
+    "logger_levels",
+    "pack_record",
+    "unpack_record",
+]
 
 _formatter = logging.Formatter()
 
@@ -64,10 +73,46 @@ def logger_levels() -> dict[str, int]:
     return levels
 
 
-def apply_logger_levels(levels: dict[str, int]) -> None:
-    """Set the levels recorded by :func:`logger_levels` in this process."""
+def apply_logger_levels(levels: dict[str, int], previous: dict[str, int] | None = None) -> None:
+    """Set the levels recorded by :func:`logger_levels` in this process.
+
+    Loggers named in ``previous`` (the levels applied before) but not in ``levels`` had their level
+    unset in the caller: they go back to ``NOTSET`` here too.
+    """
+    for name in (previous or {}).keys() - levels.keys():
+        logging.getLogger(name or None).setLevel(logging.NOTSET)
     for name, level in levels.items():
         logging.getLogger(name or None).setLevel(level)
+
+
+class LevelWatch:
+    """Notices when this process's logger levels change, cheaply enough to ask before every task.
+
+    ``Logger.setLevel``, ``logging.disable`` and ``logging.config`` clear the level cache of every
+    logger, a probe logger's included; while the probe's cache is still filled nothing can have
+    changed, and :meth:`changed` returns at once. Only after a clearing does it compare the levels.
+    (Levels set by assigning ``Logger.level`` directly bypass the cache and are not noticed.)
+    """
+
+    def __init__(self) -> None:
+        self._probe = logging.getLogger(f"{__name__}.probe")
+        self.levels = logger_levels()
+        """The levels as of the last call."""
+        self._arm()
+
+    def _arm(self) -> None:
+        self._probe.isEnabledFor(logging.DEBUG)  # fills the probe's cache
+
+    def changed(self) -> dict[str, int] | None:
+        """The new levels if they differ from :attr:`levels`, else None."""
+        if getattr(self._probe, "_cache", None):
+            return None
+        levels = logger_levels()
+        self._arm()
+        if levels == self.levels:
+            return None
+        self.levels = levels
+        return levels
 
 
 def _message_of(record: logging.LogRecord) -> str:

@@ -205,6 +205,26 @@ class ObservabilityTests(SuiteBase):
         assert visible.levelno == logging.INFO
         assert visible.name == name
 
+    def test_levels_changed_after_start_reach_running_workers(self, make_executor: MakeExecutor) -> None:
+        name = f"taskplex.conformance.live_levels.{uuid.uuid4().hex}"
+        handler = _RecordList()
+        task_logger = logging.getLogger(name)
+        task_logger.addHandler(handler)
+        task_logger.setLevel(logging.WARNING)
+        try:
+            executor = make_executor(workers=1)
+            executor.submit(tasks.emit_log_records, name).result(timeout=bound())
+            # the worker is up and was told WARNING; the caller now wants DEBUG from this logger
+            task_logger.setLevel(logging.DEBUG)
+            executor.submit(tasks.emit_log_records, name).result(timeout=bound())
+            wait_until(
+                lambda: "below the configured level" in handler.messages(),
+                "a DEBUG record, after the caller lowered the level to DEBUG while workers ran",
+            )
+        finally:
+            task_logger.setLevel(logging.NOTSET)
+            task_logger.removeHandler(handler)
+
 
 class TestObservability(ObservabilityTests):
     backend = EVERY_INSTALLED_BACKEND
