@@ -596,3 +596,59 @@ def test_without_the_plugin_its_command_is_unknown(capsys: pytest.CaptureFixture
         cli.main(["greet", "world"])
     assert exited.value.code == 2
     assert "invalid choice: 'greet'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# taskplex map: progress
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_with_stderr_on_a_terminal(arguments: str, *, cwd: Path) -> tuple[int, str]:
+    """Run ``taskplex`` with standard error on a pseudo-terminal; its exit code and what it drew."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    # 24 rows, 100 columns: a new pseudo-terminal has a size of 0 x 0, which no real one has
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        process = subprocess.Popen(
+            [*taskplex_command(), *shlex.split(arguments)],
+            cwd=cwd,
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=terminal,
+        )
+        os.close(terminal)
+        terminal = -1
+        drawn = bytearray()
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        code = process.wait(timeout=BOUND)
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    return code, drawn.decode(errors="replace")
+
+
+def test_map_draws_a_progress_bar_on_a_terminal_and_none_into_a_pipe(workdir: Path) -> None:
+    write_jsonl(workdir / "in.jsonl", [[x] for x in range(7)])
+    arguments = "map tasks.py:power --inputs in.jsonl --output out.jsonl --backend async"
+    code, drawn = run_with_stderr_on_a_terminal(arguments, cwd=workdir)
+    assert code == 0, drawn
+    assert "7/7" in drawn, f"no finished progress bar on the terminal:\n{drawn}"
+    assert "100%" in drawn
+
+    piped = run_taskplex(arguments, cwd=workdir)
+    assert piped.returncode == 0, piped.stderr
+    assert "7/7" not in piped.stderr, f"a progress bar was drawn into a pipe:\n{piped.stderr}"
+    assert "\r" not in piped.stderr

@@ -560,3 +560,18 @@ def test_a_first_ctrl_c_says_what_is_waited_for_and_a_second_cancels_it(
     assert "Press Ctrl-C again to cancel" in stderr
     assert process.returncode != 0
     assert not (tmp_path.parent / f"{tmp_path.name}-never" / "started").exists()
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_draws_a_bar_of_finished_calls_when_asked(
+    chunksize: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with taskplex.Executor("mp", workers=2) as executor:
+        results = list(executor.map(square, range(7), chunksize=chunksize, progress="squares"))
+        assert results == [x * x for x in range(7)]
+        drawn = capsys.readouterr().err
+        assert "squares" in drawn
+        assert "7/7" in drawn, f"the bar did not end at every call finished:\n{drawn}"
+        assert "8/7" not in drawn
+        assert list(executor.map(square, range(7), chunksize=chunksize)) == results
+        assert "7/7" not in capsys.readouterr().err, "a bar was drawn without progress="

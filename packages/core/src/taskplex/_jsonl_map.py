@@ -87,6 +87,7 @@ def run_map(
             # Also on an unexpected error: no task may run on, and no worker may outlive the run.
             executor.shutdown(wait=True, cancel_futures=True)
             run.write_ready(final=True)
+            progress.close(finished=run.tally.succeeded + run.tally.failed)
         elapsed = time.perf_counter() - started
     tally = run.tally
     print(tally.summary(elapsed, backend, server, interrupted=interrupts.count > 0), file=sys.stderr)

@@ -577,26 +577,28 @@ def _results_in_order(
     bar: ProgressBar,
 ) -> Iterator[Any]:
     """Yield the results of ``futures`` in order; on an early exit, cancel what has not started."""
-    pending = [future for future, _ in reversed(futures)]
+    pending = [(future, size) for future, size in reversed(futures)]
     del futures  # only `pending` holds them: a result is dropped once yielded
+    finished = 0
     try:
         while pending:
-            future = pending.pop()
+            future, size = pending.pop()
             remaining = None if end_time is None else end_time - time.monotonic()
             try:
                 result = future.result(remaining)
             except TimeoutError:
                 future.cancel()
                 raise
+            finished += size
             if chunked:
                 yield from result
             else:
                 yield result
             del future, result
     finally:
-        for future in pending:
+        for future, _ in pending:
             future.cancel()
-        bar.close()
+        bar.close(finished)
 
 
 def _advance(bar: ProgressBar, size: int, _: object) -> None:

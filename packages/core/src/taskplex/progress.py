@@ -1,12 +1,14 @@
 """A progress bar on standard error, for ``taskplex map`` and ``Executor.map(progress=True)``.
 
 Drawn with tqdm, which taskplex depends on. Updates may come from any thread (futures' callbacks
-run in the executor's callback thread); tqdm serialises its own writes.
+run in the executor's callback thread): a lock keeps the count and the closing in one order, so a
+callback that comes after the bar was completed and closed changes nothing.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 __all__ = ["ProgressBar"]
@@ -17,6 +19,7 @@ class ProgressBar:
 
     def __init__(self, total: int | None, *, shown: bool, description: str | None = None) -> None:
         self._bar: Any = None
+        self._lock = threading.Lock()
         if shown:
             from tqdm import tqdm
 
@@ -35,18 +38,28 @@ class ProgressBar:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    def close(self, finished: int | None = None) -> None:
+        """Close the bar; with ``finished``, first show at least that many finished.
+
+        The caller may have seen the last calls finish before their callbacks counted them; the
+        callbacks that run after this change nothing.
+        """
+        with self._lock:
+            if self._bar is not None:
+                if finished is not None and finished > self._bar.n:
+                    self._bar.update(finished - self._bar.n)
+                self._bar.close()
+                self._bar = None
 
     def advance(self, count: int = 1) -> None:
-        if self._bar is not None and count:
-            self._bar.update(count)
+        with self._lock:
+            if self._bar is not None and count:
+                self._bar.update(count)
 
     def show_failed(self, failed: int) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix(failed=failed, refresh=False)
+        with self._lock:
+            if self._bar is not None:
+                self._bar.set_postfix(failed=failed, refresh=False)
 
     def note(self, message: str) -> None:
         """Print a line on standard error without breaking the bar."""
