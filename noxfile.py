@@ -8,6 +8,8 @@ held to the conformance suite and type-checked.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import nox
@@ -35,6 +37,30 @@ SOURCE_PACKAGES = [
 ]
 
 TEST_REQUIREMENTS = ["pytest", "pytest-timeout", "psutil", "build"]
+SLURM_SETUP = ROOT / ".ci" / "setup-slurm"
+
+
+def ensure_slurm(session: nox.Session) -> None:
+    """The hpc backend is tested on a real Slurm: have the project's own one running.
+
+    As root, run `.ci/setup-slurm`, which installs and starts a single-node Slurm with munge on
+    Debian and returns at once when it already runs. Otherwise a Slurm must already answer; if
+    none does, say how to start one.
+    """
+    if not (ROOT / "packages" / "backend-hpc").is_dir():
+        return
+    if os.geteuid() == 0:
+        session.run("bash", str(SLURM_SETUP), external=True)
+        return
+    try:
+        answered = subprocess.run(["sinfo", "--noheader"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        answered = None
+    if answered is None or answered.returncode != 0:
+        session.error(
+            "the hpc backend's tests need a running Slurm and none answers: start the project's "
+            f"single-node Slurm first with `sudo bash {SLURM_SETUP.relative_to(ROOT)}` (Debian)"
+        )
 
 
 def install_workspace(session: nox.Session, *extra: str) -> None:
@@ -50,6 +76,7 @@ def install_workspace(session: nox.Session, *extra: str) -> None:
 def tests(session: nox.Session) -> None:
     """Run the repository's own tests in tests/ (posargs go to pytest)."""
     install_workspace(session, *TEST_REQUIREMENTS)
+    ensure_slurm(session)
     # testpaths in pyproject.toml points pytest at tests/; posargs may narrow it.
     session.run("pytest", *session.posargs)
 
@@ -60,6 +87,7 @@ def conformance(session: nox.Session) -> None:
     if not BACKENDS:
         session.error("no packages/backend-* directory found: nothing to hold to the contracts")
     install_workspace(session, *TEST_REQUIREMENTS)
+    ensure_slurm(session)
     # --taskplex-strict turns "this backend cannot run here" into a failure, so a backend whose
     # infrastructure is missing fails the session instead of passing it by skipping.
     session.run(
