@@ -1,0 +1,497 @@
+"""ZmqServer: tasks go through a ZeroMQ broker to worker hosts, local or on other machines.
+
+Data flow, on the server's event loop except the first line::
+
+    submit (caller's thread) ── prepare(): the call is pickled, or SerializationError names why not
+    TaskServer ── launch([attempt, ...]) ──► outbox ──► _flush(): one SUBMIT message per loop turn
+                                                          │ DEALER ─► broker (see taskplex_zmq.broker)
+                                                          ▼           ─► worker host ─► task process
+    attempt.started / succeeded / failed / give_back ◄── _readable(): STARTED, RESULTS, LOGS
+
+**Embedded** (no ``address``): ``start`` runs a broker and one worker host with ``workers`` task
+processes as child processes of this one, on loopback; they end when the server stops, and also
+when this process dies (they watch a pipe from it). A worker host that dies is replaced.
+**Detached** (``address="tcp://host:port"``): the server is a client of a broker started with
+``taskplex zmq broker``; the broker runs at most ``workers`` of this client's tasks at once.
+
+**Faults.** A task process that dies fails its task with WorkerLost (retried within ``retries``);
+a worker host that dies or goes silent is detected by the broker's heartbeats within ``heartbeat *
+liveness`` seconds and its started tasks fail the same way. A restarted broker, noticed by its new
+incarnation id, gets every task this client has not seen finish submitted again: nothing that
+was submitted is lost, and a task that was running when the broker died may run twice (the first
+result counts). Results from an attempt that is over are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+import zmq
+
+from taskplex import Capabilities, Task, TaskServer
+from taskplex.backend import Attempt, Backend, BackendContext
+from taskplex.errors import (
+    BackendError,
+    BackendUnavailable,
+    InvalidOption,
+    ResultUnreadable,
+    WorkerLost,
+    restore_exception,
+)
+from taskplex.remote_logging import LevelWatch, emit_record, unpack_record
+from taskplex.serialization import dumps_call, loads
+from taskplex_zmq import _protocol as p
+
+__all__ = ["ZmqBackend", "ZmqServer"]
+
+logger = logging.getLogger("taskplex.zmq")
+
+START_TIMEOUT = 60.0
+"""Seconds the local broker and worker host may take to start, or a broker to answer."""
+STOP_GRACE = 5.0
+"""Seconds local processes get to exit after their pipe closed, before SIGKILL."""
+EMBEDDED_PREFETCH = 256
+"""Most tasks the embedded broker and worker host hold beyond those running."""
+DETACHED_PREFETCH = 64
+"""Most tasks a client keeps queued at a shared broker beyond ``workers``."""
+PIPELINE_WINDOW = 0.02
+"""Seconds of work per worker launched ahead of time, so that task processes never wait for a
+round trip between short tasks. Tasks longer than that are not launched ahead at all."""
+_SMOOTHING = 0.1
+MIN_LIVENESS = 2
+"""A peer is declared gone only after missing more than one ping."""
+RESTARTS = 5
+"""Local worker hosts started in a row that die at once, after which the server gives up."""
+
+
+def _check_number(name: str, value: object, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
+        raise InvalidOption(f"{name} must be a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+class ZmqBackend(Backend):
+    """Send tasks through a ZeroMQ broker; see the module docstring for the two modes.
+
+    Options: ``address`` (a broker's ``tcp://host:port``; None: start one here), ``heartbeat``
+    (seconds between pings) and ``liveness`` (pings missed before a peer counts as gone).
+    """
+
+    def __init__(self, *, address: str | None = None, heartbeat: float = 0.5, liveness: int = 6) -> None:
+        if address is not None and (not isinstance(address, str) or "://" not in address):
+            raise InvalidOption(
+                f"address must be a ZeroMQ endpoint like 'tcp://host:5555', got {address!r}"
+            )
+        self.address = address
+        self.heartbeat = _check_number("heartbeat", heartbeat, 0.01)
+        if isinstance(liveness, bool) or not isinstance(liveness, int) or liveness < MIN_LIVENESS:
+            raise InvalidOption(f"liveness must be an int >= 2, got {liveness!r}")
+        self.liveness = liveness
+        self._context: BackendContext | None = None
+        self._zmq: zmq.Context[Any] | None = None
+        self._socket: zmq.Socket[bytes] | None = None
+        self._local: _LocalProcesses | None = None
+        self._attempts: dict[int, Attempt] = {}
+        self._outbox: list[Attempt] = []
+        self._aborts: list[int] = []
+        self._flush_scheduled = False
+        self._incarnation: bytes | None = None
+        self._welcomed: asyncio.Event | None = None
+        self._heard = 0.0
+        self._levels: LevelWatch | None = None
+        self._seconds: float | None = None  # smoothed duration of a task
+        self._prefetch = 0
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return Capabilities(
+            cancel_running=True,
+            timeout_kills_work=True,
+            survives_worker_death=True,
+            remote=True,
+            worker_processes=self.address is None,
+            forwards_logs=True,
+        )
+
+    # ================================================================== start and stop
+
+    async def start(self, context: BackendContext) -> None:
+        self._context = context
+        self._attempts = {}
+        self._outbox = []
+        self._aborts = []
+        self._incarnation = None
+        self._welcomed = asyncio.Event()
+        self._levels = LevelWatch()
+        address = self.address
+        try:
+            if address is None:
+                self._local = await context.run_blocking(
+                    _LocalProcesses.start,
+                    context.workers,
+                    self.heartbeat,
+                    self.liveness,
+                    timeout=START_TIMEOUT,
+                )
+                address = self._local.address
+            self._connect(address, context)
+            try:
+                await asyncio.wait_for(self._welcomed.wait(), START_TIMEOUT)
+            except TimeoutError:
+                raise BackendUnavailable(
+                    f"no taskplex zmq broker answered at {address} within {START_TIMEOUT:g} s; "
+                    "start one with `taskplex zmq broker --bind ADDRESS`"
+                ) from None
+        except BaseException:
+            await self._close()
+            raise
+        self._seconds = None
+        self._prefetch = 0
+        context.spawn(self._supervise(), name="zmq heartbeat")
+
+    def _connect(self, address: str, context: BackendContext) -> None:
+        self._zmq = zmq.Context()
+        socket = self._socket = self._zmq.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 0)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.connect(address)
+        self._heard = time.monotonic()
+        context.loop.add_reader(socket.fileno(), self._readable)
+        self._hello()
+
+    def _hello(self) -> None:
+        assert self._levels is not None
+        assert self._context is not None
+        limit = 0 if self.address is None else self._context.workers
+        self._send(
+            [
+                p.C_HELLO,
+                p.PROTOCOL_VERSION,
+                p.ORDER_MARK,
+                p.pack_u32(limit),
+                p.pack_json(self._levels.levels),
+            ]
+        )
+
+    async def stop(self) -> None:
+        if self._socket is not None:
+            self._send([p.C_BYE])
+        await self._close()
+
+    async def _close(self) -> None:
+        socket, self._socket = self._socket, None
+        if socket is not None:
+            if self._context is not None:
+                self._context.loop.remove_reader(socket.fileno())
+            socket.close()
+        zmq_context, self._zmq = self._zmq, None
+        if zmq_context is not None:
+            zmq_context.term()
+        local, self._local = self._local, None
+        if local is not None:
+            await asyncio.to_thread(local.stop)
+
+    async def _supervise(self) -> None:
+        """Ping the broker; notice a silent one, and in embedded mode dead local processes."""
+        restarts = 0
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            self._send([p.C_PING])
+            silent = time.monotonic() - self._heard
+            local = self._local
+            if local is None:
+                if silent > self.heartbeat * self.liveness * 4:
+                    logger.warning("the broker at %s has been silent for %.0f s", self.address, silent)
+                    self._heard = time.monotonic()
+                continue
+            if local.broker.poll() is not None:
+                raise BackendError(f"the local broker exited with status {local.broker.returncode}")
+            if silent > max(START_TIMEOUT, self.heartbeat * self.liveness):
+                raise BackendError(f"the local broker has been silent for {silent:.0f} s")
+            if local.worker.poll() is not None:
+                restarts = restarts + 1 if local.young() else 1
+                if restarts > RESTARTS:
+                    raise BackendError(
+                        f"the local worker host exited {RESTARTS} times in a row right after "
+                        f"starting (last status {local.worker.returncode})"
+                    )
+                logger.warning(
+                    "the local worker host exited (status %s); starting another", local.worker.returncode
+                )
+                assert self._context is not None
+                await self._context.run_blocking(local.restart_worker, timeout=START_TIMEOUT)
+
+    # ================================================================== tasks
+
+    def prepare(self, task: Task) -> tuple[bytes, bytes]:
+        return dumps_call(task.function, task.args, task.kwargs)
+
+    def launch(self, attempts: Sequence[Attempt]) -> None:
+        self._outbox.extend(attempts)
+        self._schedule_flush()
+
+    def abort(self, attempt: Attempt) -> None:
+        if attempt.id in self._attempts:
+            self._aborts.append(attempt.id)
+            self._schedule_flush()
+        # one still in the outbox is given back there
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._socket is None:
+            return
+        if self._outbox:
+            assert self._levels is not None
+            levels = self._levels.changed()
+            if levels is not None:
+                self._send([p.C_LEVELS, p.pack_json(levels)])
+            outbox, self._outbox = self._outbox, []
+            attempts = self._attempts
+            ids = []
+            frames: list[bytes] = [p.C_SUBMIT, b""]
+            for attempt in outbox:
+                if not attempt.wanted:
+                    attempt.give_back()
+                    continue
+                attempts[attempt.id] = attempt
+                ids.append(attempt.id)
+                frames.extend(attempt.payload)
+            if ids:
+                frames[1] = p.pack_ids(ids)
+                self._send(frames)
+        if self._aborts:
+            aborts, self._aborts = self._aborts, []
+            self._send([p.C_ABORT, p.pack_ids(aborts)])
+
+    def _resubmit(self) -> None:
+        """A new broker: everything not yet reported goes to it again (see the module docstring)."""
+        self._hello()
+        if self._attempts:
+            logger.warning("the broker restarted: submitting %d task(s) again", len(self._attempts))
+            self._outbox[:0] = self._attempts.values()
+            self._attempts = {}
+            self._schedule_flush()
+
+    def _send(self, frames: list[bytes]) -> None:
+        socket = self._socket
+        if socket is None:
+            return
+        socket.send_multipart(frames)
+        if _readable(socket):  # the send may have eaten the edge of the socket's fd
+            asyncio.get_running_loop().call_soon(self._readable)
+
+    # ================================================================== receiving
+
+    def _readable(self) -> None:
+        socket = self._socket
+        try:
+            while socket is not None and _readable(socket):
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+                self._heard = time.monotonic()
+                self._handle(frames)
+                socket = self._socket
+        except Exception as exc:
+            assert self._context is not None
+            self._context.fail(BackendError(f"receiving from the broker failed: {exc!r}"))
+
+    def _handle(self, frames: list[bytes]) -> None:
+        kind = frames[0]
+        if kind == p.RESULTS:
+            self._results(frames)
+        elif kind == p.STARTED:
+            worker = frames[2].decode()
+            attempts = self._attempts
+            for attempt_id in p.unpack_ids(frames[1]):
+                attempt = attempts.get(attempt_id)
+                if attempt is not None:
+                    attempt.started(worker)
+        elif kind == p.LOGS:
+            for record in frames[1:]:
+                emit_record(unpack_record(record))
+        elif kind in (p.PING, p.WELCOME):
+            incarnation = frames[1]
+            if self._incarnation is None:
+                self._incarnation = incarnation
+            elif incarnation != self._incarnation:
+                self._incarnation = incarnation
+                self._resubmit()
+            if kind == p.WELCOME and self._welcomed is not None:
+                self._welcomed.set()
+        elif kind == p.UNKNOWN:
+            self._incarnation = None
+            self._resubmit()
+
+    def _results(self, frames: list[bytes]) -> None:
+        ids = p.unpack_ids(frames[1])
+        flags = frames[2]
+        attempts = self._attempts
+        now = time.time()
+        seconds = self._seconds
+        for index, attempt_id in enumerate(ids):
+            attempt = attempts.pop(attempt_id, None)
+            if attempt is None:
+                continue  # a duplicate: that attempt was reported over already
+            started_at = attempt.task.started_at
+            if started_at is not None:
+                took = now - started_at
+                seconds = took if seconds is None else seconds + _SMOOTHING * (took - seconds)
+            flag = flags[index]
+            payload = frames[3 + index]
+            if flag == p.UNSTARTED:
+                attempt.give_back()
+            elif flag == p.LOST:
+                attempt.failed(WorkerLost(payload.decode("utf-8", "replace")))
+            else:
+                try:
+                    value = loads(payload)
+                except Exception as exc:
+                    attempt.failed(
+                        ResultUnreadable(
+                            f"the result of {attempt.task!r} could not be "
+                            f"unpickled here: {type(exc).__name__}: {exc}"
+                        )
+                    )
+                    continue
+                if flag == p.OK:
+                    attempt.succeeded(value)
+                else:
+                    attempt.failed(restore_exception(value))
+        if seconds is not None:
+            self._seconds = seconds
+            self._adapt_prefetch(seconds)
+
+    def _adapt_prefetch(self, seconds: float) -> None:
+        """Launch about PIPELINE_WINDOW seconds of work per worker ahead (none for long tasks)."""
+        assert self._context is not None
+        most = EMBEDDED_PREFETCH if self.address is None else DETACHED_PREFETCH
+        workers = self._context.workers
+        prefetch = (
+            0 if seconds >= PIPELINE_WINDOW else min(most, int(workers * PIPELINE_WINDOW / seconds))
+        )
+        if prefetch != self._prefetch:
+            self._prefetch = prefetch
+            self._context.set_prefetch(prefetch)
+
+
+class _LocalProcesses:
+    """The embedded mode's broker and worker host, child processes watching a pipe from us."""
+
+    def __init__(self, broker: subprocess.Popen[bytes], address: str, worker_command: list[str]) -> None:
+        self.broker = broker
+        self.address = address
+        self._worker_command = worker_command
+        self.worker = self._start_worker()
+        self._started_at = time.monotonic()
+
+    @classmethod
+    def start(cls, workers: int, heartbeat: float, liveness: int) -> _LocalProcesses:
+        timing = ["--heartbeat", repr(heartbeat), "--liveness", str(liveness), "--log-level", "ERROR"]
+        command = [sys.executable, "-m", "taskplex_zmq"]
+        broker = subprocess.Popen(
+            [
+                *command,
+                "broker",
+                "--bind",
+                "tcp://127.0.0.1:*",
+                "--watch-stdin",
+                "--print-address",
+                *timing,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=_child_environment(),
+        )
+        assert broker.stdout is not None
+        line = broker.stdout.readline().decode().strip()
+        broker.stdout.close()
+        if not line.startswith("tcp://"):
+            _end(broker)
+            raise BackendError(f"the local broker did not start (status {broker.poll()}): {line!r}")
+        worker_command = [
+            *command,
+            "worker",
+            "--connect",
+            line,
+            "--processes",
+            str(workers),
+            "--prefetch",
+            str(EMBEDDED_PREFETCH),
+            "--watch-stdin",
+            *timing,
+        ]
+        try:
+            return cls(broker, line, worker_command)
+        except BaseException:
+            _end(broker)
+            raise
+
+    def _start_worker(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self._worker_command, stdin=subprocess.PIPE, env=_child_environment())
+
+    def young(self) -> bool:
+        return time.monotonic() - self._started_at < START_TIMEOUT
+
+    def restart_worker(self) -> None:
+        _end(self.worker)
+        self.worker = self._start_worker()
+        self._started_at = time.monotonic()
+
+    def stop(self) -> None:
+        _end(self.worker)
+        _end(self.broker)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """Close the pipe the process watches (it exits by itself); SIGKILL it if it does not."""
+    if process.stdin is not None and not process.stdin.closed:
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+    try:
+        process.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _readable(socket: zmq.Socket[bytes]) -> bool:
+    """Whether a message waits (the socket's fd only signals edges, and only for ZeroMQ)."""
+    return bool(cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
+def _child_environment() -> dict[str, str]:
+    """This environment, with this process's import path, so that workers import what it can."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+    return env
+
+
+class ZmqServer(TaskServer):
+    """A TaskServer on :class:`ZmqBackend`: ``taskplex.Executor("zmq", workers=4)``."""
+
+    backend_class = ZmqBackend
+
+    def __init__(
+        self,
+        *,
+        workers: int = 1,
+        queue_size: int = 0,
+        address: str | None = None,
+        heartbeat: float = 0.5,
+        liveness: int = 6,
+    ) -> None:
+        backend = ZmqBackend(address=address, heartbeat=heartbeat, liveness=liveness)
+        super().__init__(backend, workers=workers, queue_size=queue_size)

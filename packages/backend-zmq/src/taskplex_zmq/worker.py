@@ -1,0 +1,345 @@
+"""A worker host: takes tasks from a broker and runs them in supervised processes on this machine.
+
+Data flow, all on one event loop::
+
+    broker ── TASKS keys + payloads ──► Task(run_call, key, function, arguments)
+                                          │ accept + enqueue on a MultiprocessingServer
+                                          ▼ (the mp backend: supervised task processes)
+    broker ◄── STARTED keys ◄── taskplex_task_started hook
+    broker ◄── RESULTS keys, flags, payloads ◄── the server's ResultsQueue
+    broker ◄── LOGS keys, records ◄── a logging handler (records carry their task's key)
+
+The host runs the mp backend through its public API, so a task process that dies is noticed and
+reported (WorkerLost, which the client retries within the task's ``retries``), CANCEL stops work
+by killing the process that runs it, and nothing a task started outlives the host.
+
+The host pings the broker every ``heartbeat`` seconds. If the broker is silent for ``heartbeat *
+liveness`` seconds, or turns out to be a new broker (another incarnation), the tasks of the old
+one are cancelled — it has already handed them elsewhere — and the host says hello again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket as socket_module
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+import taskplex
+from taskplex import ResultsQueue, Task, TaskStatus, plugins
+from taskplex.errors import QueueClosed, TaskCancelled, WorkerLost
+from taskplex.remote_logging import apply_logger_levels, pack_record
+from taskplex.serialization import dumps_exception
+from taskplex_mp import MultiprocessingServer
+from taskplex_zmq import _protocol as p
+from taskplex_zmq.task_call import KEY_ATTRIBUTE, run_call
+
+__all__ = ["WorkerHost", "default_name"]
+
+logger = logging.getLogger("taskplex.zmq.worker")
+
+
+def default_name() -> str:
+    """``host:pid``: how clients see where their task ran."""
+    return f"{socket_module.gethostname()}:{os.getpid()}"
+
+
+class _KeyedRecords(logging.Handler):
+    """Collects the records of tasks (those carrying a task key) for the host to send."""
+
+    def __init__(self, collect: Callable[[int, bytes], None]) -> None:
+        super().__init__()
+        self._collect = collect
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = getattr(record, KEY_ATTRIBUTE, None)
+        if isinstance(key, int):
+            self._collect(key, pack_record(record))
+
+
+class WorkerHost:
+    """Serve one broker with ``processes`` task processes; see the module docstring.
+
+    ``prefetch`` is how many tasks the host takes beyond those it runs, so that its processes
+    never wait for the broker between short tasks.
+    """
+
+    def __init__(
+        self,
+        socket: zmq.asyncio.Socket,
+        *,
+        processes: int,
+        prefetch: int | None = None,
+        name: str | None = None,
+        heartbeat: float = 0.5,
+        liveness: int = 6,
+    ) -> None:
+        self.socket = socket
+        self.processes = processes
+        self.capacity = processes + (2 * processes if prefetch is None else prefetch)
+        self.name = name or default_name()
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.server = MultiprocessingServer(workers=processes)
+        self._results = ResultsQueue()
+        self._tasks: dict[int, Task] = {}
+        self._keys: dict[str, int] = {}
+        self._started: list[int] = []
+        self._logs: list[tuple[int, bytes]] = []
+        self._flush_scheduled = False
+        self._incarnation: bytes | None = None
+        self._heard = time.monotonic()
+        self._levels: dict[str, int] | None = None
+        self._rejoining: asyncio.Future[None] | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ================================================================== running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; then stop every task and report it to the broker."""
+        self._loop = asyncio.get_running_loop()
+        handler = _KeyedRecords(self._collect_log)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        plugin_name = f"taskplex-zmq-worker-{id(self)}"
+        plugins.register_plugin(self, plugin_name)
+        try:
+            async with asyncio.TaskGroup() as group:
+                await self.server.start(group)
+                await self._hello()
+                loops = [
+                    group.create_task(self._receive()),
+                    group.create_task(self._deliver()),
+                    group.create_task(self._beat()),
+                ]
+                await stop.wait()
+                self._stopping = True
+                await self.server.stop()
+                await self._drain_results()
+                for loop_task in loops:
+                    loop_task.cancel()
+        finally:
+            plugins.pm.unregister(name=plugin_name)
+            root.removeHandler(handler)
+
+    async def _hello(self) -> None:
+        self._incarnation = None
+        await self.socket.send_multipart(
+            [p.W_HELLO, p.PROTOCOL_VERSION, p.ORDER_MARK, p.pack_u32(self.capacity), self.name.encode()]
+        )
+
+    async def _receive(self) -> None:
+        socket = self.socket
+        while True:
+            frames = await socket.recv_multipart()
+            self._heard = time.monotonic()
+            try:
+                self._handle(frames)
+            except (p.Malformed, ValueError, IndexError) as exc:
+                logger.warning("dropped a message from the broker: %s", exc)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        kind = frames[0]
+        if kind == p.TASKS:
+            self._take(frames)
+        elif kind == p.CANCEL:
+            for key in p.unpack_ids(frames[1]):
+                task = self._tasks.get(key)
+                if task is not None:
+                    task.cancel()
+        elif kind == p.PING:
+            if self._incarnation is not None and frames[1] != self._incarnation:
+                self._broker_changed("the broker restarted")
+        elif kind == p.WELCOME:
+            if self._incarnation is not None and frames[1] != self._incarnation:
+                self._broker_changed("the broker restarted")
+            self._incarnation = frames[1]
+            self._apply_levels(frames[2])
+        elif kind == p.LEVELS:
+            self._apply_levels(frames[1])
+        elif kind == p.UNKNOWN:
+            self._broker_changed("the broker does not know this host")
+        else:
+            raise p.Malformed(f"kind {kind[:8]!r}")
+
+    def _take(self, frames: list[bytes]) -> None:
+        keys = p.unpack_ids(frames[1])
+        if len(frames) != 2 + 2 * len(keys):
+            raise p.Malformed(f"TASKS of {len(keys)} keys in {len(frames)} frames")
+        server, results = self.server, self._results
+        batch = []
+        for index, key in enumerate(keys):
+            task = Task(
+                run_call, (key, frames[2 + 2 * index], frames[3 + 2 * index]), results_queue=results
+            )
+            server.accept(task)
+            self._tasks[key] = task
+            self._keys[task.id] = key
+            batch.append(task)
+        server.enqueue_accepted(batch)
+
+    def _apply_levels(self, frame: bytes) -> None:
+        levels = p.unpack_levels(frame)
+        apply_logger_levels(levels, self._levels)
+        self._levels = levels
+
+    def _broker_changed(self, reason: str) -> None:
+        """The tasks held belong to a broker that no longer counts on them: drop them, rejoin."""
+        logger.warning("%s: cancelling %d task(s) and saying hello again", reason, len(self._tasks))
+        for task in list(self._tasks.values()):
+            task.cancel()
+        self._tasks.clear()
+        self._keys.clear()
+        self._started.clear()
+        self._logs.clear()
+        self._rejoining = asyncio.ensure_future(self._hello())
+
+    async def _beat(self) -> None:
+        ping = [p.W_PING]
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            if time.monotonic() - self._heard > self.heartbeat * self.liveness:
+                self._heard = time.monotonic()
+                self._broker_changed("the broker is silent")
+                continue
+            await self.socket.send_multipart(ping)
+
+    # ================================================================== reporting
+
+    @taskplex.hookimpl
+    def taskplex_task_started(self, task: Task, server: Any) -> None:
+        if server is not self.server:
+            return
+        key = self._keys.get(task.id)
+        if key is not None:
+            self._started.append(key)
+            self._schedule_flush()
+
+    def _collect_log(self, key: int, record: bytes) -> None:
+        self._logs.append((key, record))
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._schedule_flush()
+        else:
+            loop.call_soon_threadsafe(self._schedule_flush)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        socket = self.socket
+        if self._started:
+            started, self._started = self._started, []
+            socket.send_multipart([p.W_STARTED, p.pack_ids(started)])
+        if self._logs:
+            logs, self._logs = self._logs, []
+            socket.send_multipart(
+                [p.W_LOGS, p.pack_ids([key for key, _ in logs]), *(record for _, record in logs)]
+            )
+
+    async def _deliver(self) -> None:
+        while True:
+            try:
+                finished = await self._results.get_batch(1)
+            except QueueClosed:
+                return
+            self._send_results(finished)
+
+    async def _drain_results(self) -> None:
+        while len(self._results):
+            self._send_results(self._results.get_nowait() for _ in range(len(self._results)))
+        await asyncio.sleep(0)
+
+    def _send_results(self, finished: Any) -> None:
+        keys: list[int] = []
+        flags = bytearray()
+        payloads: list[bytes] = []
+        for task in finished:
+            key = self._keys.pop(task.id, None)
+            if key is None or self._tasks.pop(key, None) is None:
+                continue  # of a broker that no longer counts on it
+            flag, payload = self._outcome(task)
+            keys.append(key)
+            flags.append(flag)
+            payloads.append(payload)
+        if keys:
+            self._flush()  # STARTED before the results
+            self.socket.send_multipart([p.W_RESULTS, p.pack_ids(keys), bytes(flags), *payloads])
+
+    def _outcome(self, task: Task) -> tuple[int, bytes]:
+        if task.status is TaskStatus.SUCCEEDED:
+            flag, payload = task.result
+            return flag, payload
+        if task.status is TaskStatus.CANCELLED:
+            if task.started_at is None:
+                return p.UNSTARTED, b""
+            if self._stopping:
+                return p.LOST, f"worker host {self.name} stopped while the task ran".encode()
+            return p.ERROR, dumps_exception(TaskCancelled("its work was stopped on the worker host"))
+        error = task.exception
+        if error is None:
+            error = WorkerLost(f"task {task.id} ended without a result on {self.name}")
+        return p.ERROR, dumps_exception(error)
+
+
+def serve(
+    address: str,
+    *,
+    processes: int,
+    watch_fd: int | None = None,
+    configure: Callable[[zmq.Socket[Any]], None] | None = None,
+    **options: Any,
+) -> None:
+    """Run a worker host connected to the broker at ``address`` until SIGTERM, SIGINT or EOF."""
+    asyncio.run(_serve(address, processes, watch_fd, configure, options))
+
+
+async def _serve(
+    address: str,
+    processes: int,
+    watch_fd: int | None,
+    configure: Callable[[zmq.Socket[Any]], None] | None,
+    options: dict[str, Any],
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if watch_fd is not None:
+
+        def parent_gone() -> None:
+            if not os.read(watch_fd, 4096):
+                loop.remove_reader(watch_fd)
+                stop.set()
+
+        loop.add_reader(watch_fd, parent_gone)
+    context = zmq.asyncio.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 1000)
+    if configure is not None:
+        configure(socket)
+    socket.connect(address)
+    try:
+        await WorkerHost(socket, processes=processes, **options).run(stop)
+    finally:
+        socket.close()
+        with contextlib.suppress(Exception):
+            context.term()
