@@ -410,7 +410,7 @@ def test_pyargs_run_is_narrowed_by_backend_option(pytester: pytest.Pytester) -> 
         "--taskplex-backend",
         "async",
     )
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(
         ["*TestResults::test_futures_keep_results_after_shutdown[[]async[]] PASSED*"]
     )

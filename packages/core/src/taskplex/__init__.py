@@ -15,6 +15,7 @@ if TYPE_CHECKING:
         InfrastructureError,
         InvalidOption,
         JobKilled,
+        JournalError,
         QueueClosed,
         RemoteTraceback,
         ResourceUnavailable,
@@ -26,9 +27,11 @@ if TYPE_CHECKING:
         TaskTimeout,
         UnknownBackend,
         UnpicklableError,
+        UnstableKey,
         WorkerLost,
     )
     from taskplex.executor import Executor, TaskFuture
+    from taskplex.journal import Journal
     from taskplex.plugins import BackendInfo, backends, create_server, hookimpl
     from taskplex.results import ResultsQueue
     from taskplex.scheduler import ServerStats, TaskServer
@@ -46,6 +49,8 @@ _LAZY = {
     "InfrastructureError": "taskplex.errors",
     "InvalidOption": "taskplex.errors",
     "JobKilled": "taskplex.errors",
+    "Journal": "taskplex.journal",
+    "JournalError": "taskplex.errors",
     "Outcome": "taskplex.task",
     "QueueClosed": "taskplex.errors",
     "RemoteTraceback": "taskplex.errors",
@@ -66,6 +71,7 @@ _LAZY = {
     "TaskplexError": "taskplex.errors",
     "UnknownBackend": "taskplex.errors",
     "UnpicklableError": "taskplex.errors",
+    "UnstableKey": "taskplex.errors",
     "WorkerLost": "taskplex.errors",
     "backends": "taskplex.plugins",
     "create_server": "taskplex.plugins",
@@ -86,6 +92,8 @@ __all__ = [
     "InfrastructureError",
     "InvalidOption",
     "JobKilled",
+    "Journal",
+    "JournalError",
     "Outcome",
     "QueueClosed",
     "RemoteTraceback",
@@ -106,6 +114,7 @@ __all__ = [
     "TaskplexError",
     "UnknownBackend",
     "UnpicklableError",
+    "UnstableKey",
     "WorkerLost",
     "__version__",
     "backends",

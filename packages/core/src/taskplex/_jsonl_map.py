@@ -42,6 +42,7 @@ from taskplex._callable_ref import import_callable
 from taskplex.cli import EXIT_INTERRUPTED, CommandLineError, discard_stdout
 from taskplex.errors import TaskCancelled, UnpicklableError
 from taskplex.executor import Executor
+from taskplex.journal import Journal
 from taskplex.progress import ProgressBar
 from taskplex.server import Server
 
@@ -59,6 +60,7 @@ def run_map(
     output: str,
     backend: str,
     options: dict[str, Any],
+    journal: Journal | None = None,
 ) -> int:
     """Run the command; return its exit status (0 all succeeded, 1 some failed, 130 Ctrl-C)."""
     function = import_callable(function_reference)
@@ -72,7 +74,7 @@ def run_map(
         interrupts.installed(),
     ):
         started = time.perf_counter()
-        executor = Executor(server)
+        executor = Executor(server, journal=journal)
         interrupts.server = server
         run = _MapRun(executor, function, output_stream, progress, interrupts)
         try:

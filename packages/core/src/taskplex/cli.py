@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from taskplex import plugins
-from taskplex.errors import BackendUnavailable, InvalidOption, UnknownBackend
+from taskplex.errors import BackendUnavailable, InvalidOption, JournalError, UnknownBackend
 
 __all__ = [
     "DEFAULT_BACKEND",
@@ -58,6 +59,7 @@ def taskplex_add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     backends.add_argument("--json", action="store_true", help="print a JSON list instead")
     backends.set_defaults(handler=_list_backends)
     _add_map_command(subparsers)
+    _add_journal_command(subparsers)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,6 +173,18 @@ def _add_map_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument(
         "--workers", type=_positive_int, metavar="N", help="shorthand for --option workers=N"
     )
+    parser.add_argument(
+        "--journal",
+        metavar="FILE",
+        help="a restart journal (SQLite): lines whose call finished in an earlier run with the "
+        "same journal are not run again, their recorded results are written instead",
+    )
+    parser.add_argument(
+        "--rerun-failed",
+        choices=("yes", "no"),
+        default="yes",
+        help="with --journal: run calls that raised in an earlier run again (default: yes)",
+    )
     parser.set_defaults(handler=_run_map)
 
 
@@ -205,13 +219,68 @@ def _run_map(args: argparse.Namespace) -> int:
                 "give only one"
             )
         options["workers"] = args.workers
+    journal = None
+    if args.journal is not None:
+        from taskplex.journal import Journal
+
+        journal = Journal(args.journal, rerun_failed=args.rerun_failed == "yes")
     return run_map(
         args.function,
         inputs=args.inputs,
         output=args.output,
         backend=args.backend,
         options=options,
+        journal=journal,
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# taskplex journal
+# ---------------------------------------------------------------------------------------------------
+
+
+def _add_journal_command(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser(
+        "journal",
+        help="show what a restart journal holds",
+        description="Show what a restart journal (Executor(journal=...), map --journal) holds.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="list the recorded outcomes, oldest first")
+    show.add_argument("path", metavar="FILE", help="the journal file")
+    show.add_argument("--json", action="store_true", help="print one JSON object per line")
+    show.set_defaults(handler=_show_journal)
+
+
+def _show_journal(args: argparse.Namespace) -> int:
+    import datetime
+
+    from taskplex.journal import Journal
+
+    if not os.path.exists(args.path):
+        raise CommandLineError(f"no journal at {args.path!r}")
+    journal = Journal(args.path)
+    try:
+        entries = list(journal.entries())
+    finally:
+        journal.close()
+    if args.json:
+        for entry in entries:
+            print(json.dumps(dataclasses.asdict(entry)))
+        return 0
+    succeeded = sum(entry.ok for entry in entries)
+    print(
+        f"{args.path}: {len(entries)} outcome(s), {succeeded} succeeded, "
+        f"{len(entries) - succeeded} failed"
+    )
+    for entry in entries:
+        when = datetime.datetime.fromtimestamp(entry.finished_at).isoformat(timespec="seconds")
+        label = entry.name if entry.name is not None else entry.key
+        print(
+            f"{when}  {'ok    ' if entry.ok else 'FAILED'}  {entry.size:>9} B  "
+            f"{entry.function or '?'}  {label}"
+        )
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"the plugin that adds {args.command!r} did not set a handler for it")
     try:
         return int(handler(args))
-    except (CommandLineError, UnknownBackend, InvalidOption, BackendUnavailable) as exc:
+    except (CommandLineError, UnknownBackend, InvalidOption, BackendUnavailable, JournalError) as exc:
         message = " ".join(str(exc).split())
         print(f"taskplex {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -31,6 +31,7 @@ __all__ = [
     "InfrastructureError",
     "InvalidOption",
     "JobKilled",
+    "JournalError",
     "QueueClosed",
     "RemoteTraceback",
     "ResourceUnavailable",
@@ -42,6 +43,7 @@ __all__ = [
     "TaskplexError",
     "UnknownBackend",
     "UnpicklableError",
+    "UnstableKey",
     "WorkerLost",
     "capture_exception",
     "restore_exception",
@@ -97,6 +99,14 @@ class QueueClosed(TaskplexError, RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # task outcomes that are not the user's own exception
 # ---------------------------------------------------------------------------------------------------
+
+
+class UnstableKey(TaskplexError, TypeError):
+    """A task's journal key cannot be computed from its call: name it, or give it a ``key``."""
+
+
+class JournalError(TaskplexError):
+    """A journal file cannot be used: not a taskplex journal, corrupt, or from another version."""
 
 
 class TaskCancelled(TaskplexError, _FuturesCancelledError):

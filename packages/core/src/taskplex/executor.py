@@ -28,6 +28,7 @@ import concurrent.futures.thread  # noqa: F401 - its exit hook must be registere
 import functools
 import itertools
 import logging
+import os
 import queue
 import sys
 import threading
@@ -38,6 +39,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 
 from taskplex.backend import current_attempt, is_coroutine_function
 from taskplex.errors import InvalidOption
+from taskplex.journal import Journal
 from taskplex.plugins import create_server
 from taskplex.progress import ProgressBar
 from taskplex.results import ResultsQueue
@@ -402,9 +404,19 @@ class Executor(cf.Executor):
     is an error that names the valid ones); an already created, not yet started
     :class:`~taskplex.scheduler.TaskServer` may be passed instead. The server runs in its own event
     loop in one background thread until :meth:`shutdown`.
+
+    ``journal="run.db"`` (a path or a :class:`~taskplex.journal.Journal`) keeps a restart journal:
+    a re-run with the same journal returns finished tasks' results without running them again.
     """
 
-    def __init__(self, backend: str | type[Server] | Server, /, **options: Any) -> None:
+    def __init__(
+        self,
+        backend: str | type[Server] | Server,
+        /,
+        *,
+        journal: Journal | str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> None:
         if isinstance(backend, Server):
             if options:
                 raise InvalidOption("pass options when creating the server, not with a Server object")
@@ -416,6 +428,8 @@ class Executor(cf.Executor):
                 f"Executor needs a taskplex.TaskServer (a server built on a taskplex backend), "
                 f"got {type(server).__name__}"
             )
+        if journal is not None:
+            server.journal = journal
         _register_exit_hook()
         self._runner = runner = _Runner(server)
         self._shutdown_lock = threading.Lock()

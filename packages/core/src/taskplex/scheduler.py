@@ -65,6 +65,8 @@ from taskplex.errors import (
     TaskplexError,
     TaskTimeout,
 )
+from taskplex.journal import Journal, as_journal
+from taskplex.keys import task_key
 from taskplex.server import Capabilities, Server
 from taskplex.task import CLAIM_LOCK, DEFAULT_RESOURCES, Resources, Task, TaskStatus
 
@@ -164,6 +166,7 @@ class TaskServer(Server):
         self._hook_finished: Callable[..., Any] | None = None
         self._hook_lookup: Callable[..., Any] | None = None
         self._hook_delivered: Callable[..., Any] | None = None
+        self._journal: Journal | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} workers={self.workers} {self._state}>"
@@ -186,6 +189,22 @@ class TaskServer(Server):
     def capabilities(self) -> Capabilities:
         """What this server's backend can do (may depend on its options)."""
         return self.backend.capabilities
+
+    @property
+    def journal(self) -> Journal | None:
+        """The restart journal (:mod:`taskplex.journal`), or None; set it before the server starts.
+
+        Takes a file path or a :class:`~taskplex.journal.Journal`. With a journal, every task gets
+        a ``key`` at submit (:func:`taskplex.keys.task_key`), tasks recorded as finished are
+        finished from the journal without running, and outcomes are recorded as tasks finish.
+        """
+        return self._journal
+
+    @journal.setter
+    def journal(self, value: Journal | str | Any | None) -> None:
+        if self._state in (_STARTING, _RUNNING, _STOPPING):
+            raise RuntimeError(f"set the journal of {self!r} before it starts")
+        self._journal = as_journal(value)
 
     def is_running(self) -> bool:
         return self._state == _RUNNING
@@ -216,6 +235,8 @@ class TaskServer(Server):
         self._blocking = None
         self._state = _STARTING
         try:
+            if self._journal is not None:
+                await asyncio.to_thread(self._journal.reopen)  # closed by a previous stop
             await self.backend.start(BackendContext(self))
             if self.failure is not None:
                 raise self.failure
@@ -299,6 +320,8 @@ class TaskServer(Server):
         name = task.name
         if name is not None and name in self._names:
             raise DuplicateTaskName(f"a task named {name!r} was already submitted to {self!r}")
+        if self._journal is not None and task.key is None:
+            task.key = task_key(task)  # raises UnstableKey, which says how to name the task
         resources = task.resources
         if resources is not DEFAULT_RESOURCES:
             self._check_resources(resources)
@@ -673,6 +696,13 @@ class TaskServer(Server):
                 status = TaskStatus.SUCCEEDED if outcome.exception is None else TaskStatus.FAILED
                 self._finish(task, status, result=outcome.result, error=outcome.exception)
                 return None
+        if self._journal is not None and task.attempts == 0:
+            outcome = self._journal.lookup(task)
+            if outcome is not None:
+                task.worker = "journal"
+                status = TaskStatus.SUCCEEDED if outcome.exception is None else TaskStatus.FAILED
+                self._finish(task, status, result=outcome.result, error=outcome.exception)
+                return None
         attempt = Attempt(self, task, next(self._attempt_ids), slots, task._prepared)
         task._attempt = attempt
         # read after the attempt is set: a cancel in another thread sets the flag before it looks
@@ -802,6 +832,8 @@ class TaskServer(Server):
             stats.cancelled += 1
         if self._hook_finished is not None:
             self._call_hook(self._hook_finished, task)
+        if self._journal is not None:
+            self._journal.record(task)
         queue = task.results_queue
         if queue is not None:
             queue.put(task)
@@ -907,6 +939,9 @@ class TaskServer(Server):
             for _, wake in reclaiming:
                 wake()
             await self._close_blocking_and_loops()
+            if self._journal is not None:
+                # every outcome on disk before stop returns; off the loop, bounded
+                await asyncio.to_thread(self._journal.close, STOP_TIMEOUT)
             with self._lock:
                 self._names.clear()
             self._state = _STOPPED

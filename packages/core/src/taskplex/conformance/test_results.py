@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -14,14 +15,53 @@ from taskplex.conformance._base import (
     Serve,
     SuiteBase,
 )
-from taskplex.conformance._support import await_until, bound, bounded, bounded_call, collect, run
+from taskplex.conformance._support import (
+    Markers,
+    await_until,
+    bound,
+    bounded,
+    bounded_call,
+    collect,
+    run,
+)
 from taskplex.errors import QueueClosed
+from taskplex.executor import Executor
 from taskplex.results import ResultsQueue
 from taskplex.task import Task, TaskStatus
 
 
 class ResultsTests(SuiteBase):
-    """C20: finished tasks can be read after the server stopped, and not after close()."""
+    """C20: finished tasks can be read after the server stopped, and not after close().
+
+    C18: a re-run with the same journal runs only what did not finish.
+    """
+
+    def test_a_rerun_with_the_journal_runs_only_what_is_left(
+        self, make_server: MakeServer, markers: Markers, tmp_path: Path
+    ) -> None:
+        journal = tmp_path / "run.db"  # the journal lives where the client runs
+        folder = str(markers.directory)
+        first = bounded_call(lambda: Executor(make_server(workers=2), journal=journal), "start")
+        try:
+            done = [first.submit(tasks.count_run, folder, f"j{i}") for i in range(5)]
+            failed = first.submit(tasks.fail_until, folder, "jf", 3)
+            assert [f.result(timeout=bound()) for f in done] == [f"j{i}" for i in range(5)]
+            with pytest.raises(tasks.TaskFailure):
+                failed.result(timeout=bound())
+        finally:
+            bounded_call(first.shutdown, "Executor.shutdown()")
+        second = bounded_call(lambda: Executor(make_server(workers=2), journal=journal), "start")
+        try:
+            again = [second.submit(tasks.count_run, folder, f"j{i}") for i in range(7)]
+            retried = second.submit(tasks.fail_until, folder, "jf", 2)
+            assert [f.result(timeout=bound()) for f in again] == [f"j{i}" for i in range(7)]
+            assert retried.result(timeout=bound()) == 2, "a failed task is run again by default"
+        finally:
+            bounded_call(second.shutdown, "Executor.shutdown()")
+        runs = {f"j{i}": markers.runs(f"j{i}") for i in range(7)}
+        assert runs == dict.fromkeys(runs, 1), (
+            f"runs per task over two runs with one journal (j5, j6 new in the second): {runs}"
+        )
 
     def test_futures_keep_results_after_shutdown(self, make_executor: MakeExecutor) -> None:
         executor = make_executor(workers=2)
