@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import async_vs_gather
+import journal_cost
 import mp_vs_peers
 from harness import Config
 from report import Section, write
@@ -33,6 +34,7 @@ BENCHMARKS: dict[str, Callable[[Config], Section]] = {
     "mp-cpu": mp_vs_peers.cpu_efficiency,
     "mp-latency": mp_vs_peers.latency,
     "mp-memory": mp_vs_peers.queued,
+    "journal": journal_cost.throughput,
 }
 DISTRIBUTIONS = (
     "taskplex-core",
