@@ -8,9 +8,9 @@ routes payload frames it does not look into, so a hostile frame can at worst be 
 
 Client -> broker: HELLO (version, order mark, session limit, levels JSON), SUBMIT (ids, then two
 payload frames per task: function, arguments), ABORT (ids), LEVELS (JSON), PING, BYE.
-Worker -> broker: HELLO (version, order mark, capacity, name), STARTED (keys), RESULTS (keys,
+Worker -> broker: HELLO (version, order mark, capacity, name), STARTED (keys, pids), RESULTS (keys,
 one flag byte per key, one payload frame per key), LOGS (keys, one record frame per key), PING.
-Broker -> client: WELCOME (incarnation), STARTED (ids, worker name), RESULTS (ids, flags,
+Broker -> client: WELCOME (incarnation), STARTED (ids, worker name, pids), RESULTS (ids, flags,
 payloads), LOGS (records), PING (incarnation), UNKNOWN (say HELLO again).
 Broker -> worker: WELCOME (incarnation, levels JSON), TASKS (keys, two payload frames per key),
 CANCEL (keys), LEVELS (JSON), PING (incarnation), UNKNOWN.

@@ -125,7 +125,7 @@ class Broker:
         self.levels = p.pack_json({})
         self._next_key = 1
         self._ready: deque[_Client] = deque()
-        self._started: dict[tuple[_Client, str], list[int]] = {}
+        self._started: dict[tuple[_Client, str], tuple[list[int], list[int]]] = {}
         self._results: dict[_Client, list[tuple[int, int, bytes]]] = {}
         self._logs: dict[_Client, list[bytes]] = {}
         self._cancels: dict[_Worker, list[int]] = {}
@@ -347,13 +347,19 @@ class Broker:
         return self.jobs[key]
 
     def _worker_started(self, worker: _Worker, frames: list[bytes]) -> None:
-        p.expect(frames, 2, "STARTED")
-        for key in p.unpack_ids(frames[1]):
+        p.expect(frames, 3, "STARTED")
+        keys = p.unpack_ids(frames[1])
+        pids = p.unpack_ids(frames[2])
+        if len(pids) != len(keys):
+            raise p.Malformed(f"STARTED of {len(keys)} keys and {len(pids)} pids")
+        for key, pid in zip(keys, pids, strict=True):
             job = self._held_job(worker, key)
             if job is None or job.started:
                 continue
             job.started = True
-            self._started.setdefault((job.client, worker.name), []).append(job.attempt)
+            ids, task_pids = self._started.setdefault((job.client, worker.name), ([], []))
+            ids.append(job.attempt)
+            task_pids.append(pid)
 
     def _worker_results(self, worker: _Worker, frames: list[bytes]) -> None:
         if len(frames) < len((p.W_RESULTS, "keys", "flags")):
@@ -460,8 +466,8 @@ class Broker:
         for worker, keys in self._cancels.items():
             self._send(worker.identity, [p.CANCEL, p.pack_ids(keys)])
         self._cancels.clear()
-        for (client, name), ids in self._started.items():
-            self._send(client.identity, [p.STARTED, p.pack_ids(ids), name.encode()])
+        for (client, name), (ids, pids) in self._started.items():
+            self._send(client.identity, [p.STARTED, p.pack_ids(ids), name.encode(), p.pack_ids(pids)])
         self._started.clear()
         for client, records in self._logs.items():
             self._send(client.identity, [p.LOGS, *records])

@@ -14,6 +14,10 @@ when this process dies (they watch a pipe from it). A worker host that dies is r
 **Detached** (``address="tcp://host:port"``): the server is a client of a broker started with
 ``taskplex zmq broker``; the broker runs at most ``workers`` of this client's tasks at once.
 
+**Stopping work.** A cancel or timeout reaches the worker host as a message, which has the mp
+backend kill the task's process (group). In the embedded mode the task process is on this machine,
+so it is also killed here at once, before the cancelled task is delivered.
+
 **Faults.** A task process that dies fails its task with WorkerLost (retried within ``retries``);
 a worker host that dies or goes silent is detected by the broker's heartbeats within ``heartbeat *
 liveness`` seconds and its started tasks fail the same way. A restarted broker, noticed by its new
@@ -28,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -100,6 +105,7 @@ class ZmqBackend(Backend):
         self._socket: zmq.Socket[bytes] | None = None
         self._local: _LocalProcesses | None = None
         self._attempts: dict[int, Attempt] = {}
+        self._pids: dict[int, int] = {}  # embedded: the local process running a started attempt
         self._outbox: list[Attempt] = []
         self._aborts: list[int] = []
         self._flush_scheduled = False
@@ -126,6 +132,7 @@ class ZmqBackend(Backend):
     async def start(self, context: BackendContext) -> None:
         self._context = context
         self._attempts = {}
+        self._pids = {}
         self._outbox = []
         self._aborts = []
         self._incarnation = None
@@ -243,6 +250,9 @@ class ZmqBackend(Backend):
         if attempt.id in self._attempts:
             self._aborts.append(attempt.id)
             self._schedule_flush()
+            pid = self._pids.pop(attempt.id, None)
+            if pid is not None:
+                _kill_group(pid)
         # one still in the outbox is given back there
 
     def _schedule_flush(self) -> None:
@@ -315,10 +325,16 @@ class ZmqBackend(Backend):
         elif kind == p.STARTED:
             worker = frames[2].decode()
             attempts = self._attempts
-            for attempt_id in p.unpack_ids(frames[1]):
+            pids = self._pids if self._local is not None else None
+            for attempt_id, pid in zip(p.unpack_ids(frames[1]), p.unpack_ids(frames[3]), strict=True):
                 attempt = attempts.get(attempt_id)
-                if attempt is not None:
-                    attempt.started(worker)
+                if attempt is None or pids is None or not pid:
+                    if attempt is not None:
+                        attempt.started(worker)
+                elif attempt.started(worker):
+                    pids[attempt_id] = pid
+                else:
+                    _kill_group(pid)  # withdrawn before this news arrived: the abort is on its way
         elif kind == p.LOGS:
             for record in frames[1:]:
                 emit_record(unpack_record(record))
@@ -339,12 +355,14 @@ class ZmqBackend(Backend):
         ids = p.unpack_ids(frames[1])
         flags = frames[2]
         attempts = self._attempts
+        pids = self._pids
         now = time.time()
         seconds = self._seconds
         for index, attempt_id in enumerate(ids):
             attempt = attempts.pop(attempt_id, None)
             if attempt is None:
                 continue  # a duplicate: that attempt was reported over already
+            pids.pop(attempt_id, None)
             started_at = attempt.task.started_at
             if started_at is not None:
                 took = now - started_at
@@ -465,6 +483,21 @@ def _end(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _kill_group(pid: int) -> None:
+    """Stop a local task process and what it started at once (its worker host hears of it too).
+
+    A cancel reaches a worker host as a message; in the embedded mode the task process is on this
+    machine, so it is also killed here before the cancelled task is delivered, as the mp backend
+    does. The worker host reports the process's death as the end of that attempt.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        logger.debug("not allowed to kill task process %d", pid)
 
 
 def _readable(socket: zmq.Socket[bytes]) -> bool:

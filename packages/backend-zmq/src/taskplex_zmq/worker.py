@@ -5,7 +5,7 @@ Data flow, all on one event loop::
     broker ── TASKS keys + payloads ──► Task(run_call, key, function, arguments)
                                           │ accept + enqueue on a MultiprocessingServer
                                           ▼ (the mp backend: supervised task processes)
-    broker ◄── STARTED keys ◄── taskplex_task_started hook
+    broker ◄── STARTED keys, pids ◄── taskplex_task_started hook
     broker ◄── RESULTS keys, flags, payloads ◄── the server's ResultsQueue
     broker ◄── LOGS keys, records ◄── a logging handler (records carry their task's key)
 
@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket as socket_module
 import time
@@ -45,6 +46,9 @@ from taskplex_zmq.task_call import KEY_ATTRIBUTE, run_call
 __all__ = ["WorkerHost", "default_name"]
 
 logger = logging.getLogger("taskplex.zmq.worker")
+
+_TASK_PROCESS = re.compile(r"pid (\d+)")
+"""How the mp backend names the process that runs a task (``Task.worker``)."""
 
 
 def default_name() -> str:
@@ -93,6 +97,7 @@ class WorkerHost:
         self._tasks: dict[int, Task] = {}
         self._keys: dict[str, int] = {}
         self._started: list[int] = []
+        self._pids: list[int] = []
         self._logs: list[tuple[int, bytes]] = []
         self._flush_scheduled = False
         self._incarnation: bytes | None = None
@@ -200,6 +205,7 @@ class WorkerHost:
         self._tasks.clear()
         self._keys.clear()
         self._started.clear()
+        self._pids.clear()
         self._logs.clear()
         self._rejoining = asyncio.ensure_future(self._hello())
 
@@ -222,6 +228,8 @@ class WorkerHost:
         key = self._keys.get(task.id)
         if key is not None:
             self._started.append(key)
+            found = _TASK_PROCESS.fullmatch(task.worker or "")
+            self._pids.append(int(found.group(1)) if found else 0)
             self._schedule_flush()
 
     def _collect_log(self, key: int, record: bytes) -> None:
@@ -248,7 +256,8 @@ class WorkerHost:
         socket = self.socket
         if self._started:
             started, self._started = self._started, []
-            socket.send_multipart([p.W_STARTED, p.pack_ids(started)])
+            pids, self._pids = self._pids, []
+            socket.send_multipart([p.W_STARTED, p.pack_ids(started), p.pack_ids(pids)])
         if self._logs:
             logs, self._logs = self._logs, []
             socket.send_multipart(
