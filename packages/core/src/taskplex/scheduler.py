@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 from taskplex import plugins
+from taskplex._foreign import ForeignTasks, is_foreign_task
 from taskplex.backend import (
     LAUNCHED,
     OVER,
@@ -167,6 +168,7 @@ class TaskServer(Server):
         self._hook_lookup: Callable[..., Any] | None = None
         self._hook_delivered: Callable[..., Any] | None = None
         self._journal: Journal | None = None
+        self._foreign: ForeignTasks | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} workers={self.workers} {self._state}>"
@@ -216,11 +218,14 @@ class TaskServer(Server):
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._task_group = task_group
-        # Tasks put on the task queue before start() (or after a stop) are kept.
-        queue: asyncio.Queue[Task] = asyncio.Queue(self.queue_size)
-        while not self._queue.empty():
-            queue.put_nowait(self._queue.get_nowait())
-        self._queue = queue
+        # Tasks put on the task queue before start() (or after a stop) are kept. The queue object
+        # itself is kept too (callers may hold it, or wrap its methods) unless an earlier event
+        # loop bound it: asyncio queues serve one loop only.
+        if getattr(self._queue, "_loop", None) not in (None, loop):
+            queue: asyncio.Queue[Task] = asyncio.Queue(self.queue_size)
+            while not self._queue.empty():
+                queue.put_nowait(self._queue.get_nowait())
+            self._queue = queue
         self._capacity = asyncio.Event()
         self._idle = asyncio.Event()
         self._attempts_over = asyncio.Event()
@@ -731,8 +736,33 @@ class TaskServer(Server):
             for attempt in batch:
                 attempt.failed(error)
 
-    def _take(self, task: Task) -> None:
+    def _adopt(self, item: Any) -> Task | None:
+        """A Task for what was put on the task queue: a foreign task object is adopted
+        (:mod:`taskplex._foreign`); anything else fails alone, and None is returned."""
+        if isinstance(item, Task):
+            return item
+        if self._foreign is None:
+            self._foreign = ForeignTasks(repr(self))
+        if not is_foreign_task(item):
+            self._foreign.refuse(
+                item,
+                TypeError(
+                    f"{item!r} was put on the task queue of {self!r}, but it is not a taskplex.Task "
+                    "(nor a task object with function, results_queue and put_result, as ropt's)"
+                ),
+            )
+            return None
+        try:
+            return self._foreign.adopt(item)
+        except Exception as exc:
+            self._foreign.refuse(item, exc)
+            return None
+
+    def _take(self, item: Task) -> None:
         """A task came off the task queue: accept it if it was put there directly, check deps."""
+        task = item if isinstance(item, Task) else self._adopt(item)
+        if task is None:
+            return
         if task.status is TaskStatus.PENDING and task._server is None:
             try:
                 self.accept(task)
@@ -942,6 +972,8 @@ class TaskServer(Server):
             if self._journal is not None:
                 # every outcome on disk before stop returns; off the loop, bounded
                 await asyncio.to_thread(self._journal.close, STOP_TIMEOUT)
+            if self._foreign is not None:  # every foreign task told its outcome
+                await asyncio.to_thread(self._foreign.drain, STOP_TIMEOUT)
             with self._lock:
                 self._names.clear()
             self._state = _STOPPED
@@ -981,8 +1013,11 @@ class TaskServer(Server):
         pending = list(self._ready)
         self._ready.clear()
         while not self._queue.empty():
-            task = self._queue.get_nowait()
+            item = self._queue.get_nowait()
             self._queue.task_done()
+            task = self._adopt(item)
+            if task is None:
+                continue
             if task.status is TaskStatus.PENDING and task._server is None:
                 task._server = self
                 task.status = TaskStatus.QUEUED
