@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "conformance", "lint", "typecheck"]
+nox.options.sessions = ["tests", "conformance", "ropt", "lint", "typecheck"]
 nox.options.error_on_missing_interpreters = True
 
 ROOT = Path(__file__).parent
@@ -26,6 +26,12 @@ def _relative(path: Path) -> str:
 
 CORE = "./packages/core"
 BACKENDS = [_relative(path) for path in sorted(ROOT.glob("packages/backend-*")) if path.is_dir()]
+# other distributions of the workspace: taskplex-ropt (ropt's servers on taskplex)
+COMPANIONS = [
+    _relative(path.parent)
+    for path in sorted(ROOT.glob("packages/*/pyproject.toml"))
+    if path.parent.name != "core" and not path.parent.name.startswith("backend-")
+]
 EXAMPLE_BACKENDS = [
     _relative(path.parent) for path in sorted(ROOT.glob("examples/backend-*/pyproject.toml"))
 ]
@@ -64,12 +70,12 @@ def ensure_slurm(session: nox.Session) -> None:
 
 
 def install_workspace(session: nox.Session, *extra: str) -> None:
-    """Install core (with the conformance extra), every backend and example backend, and `extra`.
+    """Install core (with the conformance extra), every backend, companion and example, and `extra`.
 
     One pip call, so pip resolves each backend's dependency on taskplex-core to the local core
     rather than to a release on the package index.
     """
-    session.install(f"{CORE}[conformance]", *BACKENDS, *EXAMPLE_BACKENDS, *extra)
+    session.install(f"{CORE}[conformance]", *BACKENDS, *COMPANIONS, *EXAMPLE_BACKENDS, *extra)
 
 
 @nox.session
@@ -99,6 +105,19 @@ def conformance(session: nox.Session) -> None:
         "--taskplex-strict",
         *session.posargs,
     )
+
+
+@nox.session
+def ropt(session: nox.Session) -> None:
+    """ropt 0.28.1's own server tests and one of its example optimisations, on taskplex's servers.
+
+    Downloads ropt's source distribution, switches its import of ropt.workflow.servers to
+    taskplex_ropt and runs them (the HPCServer ones on the project's Slurm); see
+    tests/ropt/ropt_suite.py. posargs go to pytest.
+    """
+    install_workspace(session, "ropt==0.28.1", "pytest", "pytest-asyncio", "pytest-timeout")
+    ensure_slurm(session)
+    session.run("python", "tests/ropt/ropt_suite.py", "build/ropt", *session.posargs)
 
 
 @nox.session
