@@ -220,6 +220,8 @@ class Broker:
             elif kind in p.CLIENT_KINDS or kind in p.WORKER_KINDS:
                 if kind == p.W_RESULTS:
                     self._drop("late", p.Malformed("results from a worker host declared dead"))
+                else:
+                    self._drop("unknown peer", p.Malformed(f"kind {kind!r} before HELLO"))
                 self._send(identity, [p.UNKNOWN])  # a peer declared dead, or of a previous broker
             else:
                 raise p.Malformed(f"kind {kind[:8]!r} from an unknown peer")

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any
 
+from taskplex_zmq import security
+
 __all__ = ["add_parser", "main"]
 
 
@@ -46,6 +48,13 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
         help="print the bound endpoint on a line of its own once listening",
     )
     _add_common(broker)
+    broker.add_argument(
+        "--max-message-size",
+        type=int,
+        default=1 << 30,
+        metavar="BYTES",
+        help="drop a peer that sends a larger frame (default: 1 GiB)",
+    )
     broker.set_defaults(handler=_run_broker)
 
     worker = commands.add_parser(
@@ -71,6 +80,16 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
     worker.add_argument("--name", default=None, help="how clients see this host (default host:pid)")
     _add_common(worker)
     worker.set_defaults(handler=_run_worker)
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="make CurveZMQ keys for a broker and its peers",
+        description="Make a broker key pair and a peer key pair in DIRECTORY, with the peer key "
+        "authorized. Give the broker the whole directory, and clients and worker hosts a copy "
+        "without broker.key_secret.",
+    )
+    keygen.add_argument("directory", metavar="DIRECTORY")
+    keygen.set_defaults(handler=_keygen)
     return zmq_parser
 
 
@@ -95,6 +114,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="what this process logs on stderr (default: INFO)",
     )
+    parser.add_argument(
+        "--keys",
+        default=None,
+        metavar="DIRECTORY",
+        help="CurveZMQ keys made by `taskplex zmq keygen`; required for addresses beyond loopback",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow an address beyond loopback without keys (only on a network you trust)",
+    )
     parser.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -114,12 +144,17 @@ def _run_broker(args: argparse.Namespace) -> int:
 
     from taskplex_zmq import broker
 
+    _check(args.bind, args, "listen on")
     _logging(args)
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 100_000)
     socket.setsockopt(zmq.RCVHWM, 100_000)
+    socket.setsockopt(zmq.MAXMSGSIZE, args.max_message_size)
+    authenticator = None
+    if args.keys is not None:
+        authenticator = security.KeyDirectory(args.keys).configure_broker(socket)
     socket.bind(args.bind)
     if args.print_address:
         print(socket.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
@@ -133,6 +168,8 @@ def _run_broker(args: argparse.Namespace) -> int:
         )
     finally:
         socket.close()
+        if authenticator is not None:
+            authenticator.stop()
         context.term()
     return 0
 
@@ -140,9 +177,11 @@ def _run_broker(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     from taskplex_zmq import worker
 
+    _check(args.connect, args, "connect to")
     _logging(args)
     worker.serve(
         args.connect,
+        configure=None if args.keys is None else security.KeyDirectory(args.keys).configure_peer,
         processes=args.processes,
         prefetch=args.prefetch,
         name=args.name,
@@ -153,11 +192,36 @@ def _run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(address: str, args: argparse.Namespace, role: str) -> None:
+    from taskplex.cli import CommandLineError
+
+    try:
+        security.check_address(address, args.keys, args.insecure, role)
+    except security.InsecureAddress as exc:
+        raise CommandLineError(str(exc)) from None
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from taskplex.cli import CommandLineError
+
+    try:
+        path = security.generate_keys(args.directory)
+    except FileExistsError as exc:
+        raise CommandLineError(str(exc)) from None
+    print(f"keys written to {path}; clients and worker hosts need a copy without broker.key_secret")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m taskplex_zmq broker|worker ...``: the same commands without the taskplex CLI."""
     parser = argparse.ArgumentParser(prog="python -m taskplex_zmq")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_parser(subparsers)
     args = parser.parse_args(["zmq", *(sys.argv[1:] if argv is None else argv)])
-    handler = args.handler
-    return int(handler(args))
+    from taskplex.cli import CommandLineError
+
+    try:
+        return int(args.handler(args))
+    except CommandLineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -54,6 +54,7 @@ from taskplex.errors import (
 from taskplex.remote_logging import LevelWatch, emit_record, unpack_record
 from taskplex.serialization import dumps_call, loads
 from taskplex_zmq import _protocol as p
+from taskplex_zmq.security import InsecureAddress, KeyDirectory, check_address
 
 __all__ = ["ZmqBackend", "ZmqServer"]
 
@@ -86,15 +87,36 @@ def _check_number(name: str, value: object, minimum: float) -> float:
 class ZmqBackend(Backend):
     """Send tasks through a ZeroMQ broker; see the module docstring for the two modes.
 
-    Options: ``address`` (a broker's ``tcp://host:port``; None: start one here), ``heartbeat``
-    (seconds between pings) and ``liveness`` (pings missed before a peer counts as gone).
+    Options: ``address`` (a broker's ``tcp://host:port``; None: start one here), ``keys`` (the
+    directory of ``taskplex zmq keygen``; required beyond loopback unless ``insecure=True``, see
+    :mod:`taskplex_zmq.security`), ``heartbeat`` (seconds between pings) and ``liveness`` (pings
+    missed before a peer counts as gone).
     """
 
-    def __init__(self, *, address: str | None = None, heartbeat: float = 0.5, liveness: int = 6) -> None:
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        keys: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        heartbeat: float = 0.5,
+        liveness: int = 6,
+    ) -> None:
         if address is not None and (not isinstance(address, str) or "://" not in address):
             raise InvalidOption(
                 f"address must be a ZeroMQ endpoint like 'tcp://host:5555', got {address!r}"
             )
+        if address is not None:
+            try:
+                check_address(address, keys, insecure, "connect to")
+            except InsecureAddress as exc:
+                raise InvalidOption(str(exc)) from None
+        self._keys = None
+        if keys is not None:
+            try:
+                self._keys = KeyDirectory(keys)
+            except (FileNotFoundError, OSError) as exc:
+                raise InvalidOption(f"keys: {exc}") from None
         self.address = address
         self.heartbeat = _check_number("heartbeat", heartbeat, 0.01)
         if isinstance(liveness, bool) or not isinstance(liveness, int) or liveness < MIN_LIVENESS:
@@ -170,6 +192,8 @@ class ZmqBackend(Backend):
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 0)
         socket.setsockopt(zmq.RCVHWM, 0)
+        if self._keys is not None:
+            self._keys.configure_peer(socket)
         socket.connect(address)
         self._heard = time.monotonic()
         context.loop.add_reader(socket.fileno(), self._readable)
@@ -523,8 +547,12 @@ class ZmqServer(TaskServer):
         workers: int = 1,
         queue_size: int = 0,
         address: str | None = None,
+        keys: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
         heartbeat: float = 0.5,
         liveness: int = 6,
     ) -> None:
-        backend = ZmqBackend(address=address, heartbeat=heartbeat, liveness=liveness)
+        backend = ZmqBackend(
+            address=address, keys=keys, insecure=insecure, heartbeat=heartbeat, liveness=liveness
+        )
         super().__init__(backend, workers=workers, queue_size=queue_size)
