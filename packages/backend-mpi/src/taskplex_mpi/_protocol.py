@@ -5,7 +5,7 @@ Server to a worker rank (tag :data:`ORDERS`), each message a list of orders, obe
     (CONFIGURE, sys_path, levels, reply_tag)   once, first: the caller's sys.path and logger levels
     (LEVELS, levels)                           the caller changed its logger levels since
     (RUN, attempt_id, payload, group)          run a task; group: the ranks that run it together
-    (STOP,)                                    leave the serving loop
+    (STOP,) or (STOP, EXIT)                    leave the serving loop (with EXIT: for good)
 
 Worker rank to server (tag ``reply_tag``), each message a list of events::
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "CONFIGURE",
     "DONE",
+    "EXIT",
     "LEVELS",
     "LOG",
     "ORDERS",
@@ -37,4 +38,5 @@ ORDERS = 1
 """The tag of the server's messages to its worker ranks."""
 
 CONFIGURE, LEVELS, RUN, STOP = 0, 1, 2, 3
+EXIT = "exit"
 STARTED, DONE, LOG, STOPPED = 10, 11, 12, 13

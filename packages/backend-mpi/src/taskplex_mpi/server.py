@@ -192,6 +192,14 @@ class MPIBackend(Backend):
         return ranks, reply_tag, MPI.COMM_WORLD
 
     async def _spawn(self, context: BackendContext) -> MPI.Comm:
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_size() > 1:
+            raise BackendUnavailable(
+                f"this program is one of the {MPI.COMM_WORLD.Get_size()} ranks of an mpiexec job, "
+                "and every rank would spawn workers of its own: start it as "
+                "mpiexec -n N python -m taskplex_mpi script.py to use the job's ranks as workers"
+            )
         launcher = await context.run_blocking(
             spawning.find_launcher, self.mpiexec, timeout=2 * spawning.VERSION_TIMEOUT + 10
         )

@@ -41,9 +41,12 @@ class MPIProvider(TestProvider):
             self.max_workers = world.free_ranks()
 
     def options(self, workdir: Path) -> dict[str, Any]:
-        if self.mode == "spawn":
-            spawning.find_launcher()  # BackendUnavailable, saying why, when spawning cannot work
-        return {"mode": self.mode}
+        if self.mode == "world":
+            # "auto", not "world": a program the suite starts with plain python (to see what
+            # happens at its exit) is not in the job, and spawns its own ranks instead
+            return {"mode": "auto"}
+        spawning.find_launcher()  # BackendUnavailable, saying why, when spawning cannot work
+        return {"mode": "spawn"}
 
     def snapshot(self) -> Leftovers:
         if self.mode == "spawn":

@@ -33,6 +33,7 @@ from taskplex_mpi import _current
 from taskplex_mpi._protocol import (
     CONFIGURE,
     DONE,
+    EXIT,
     LEVELS,
     LOG,
     ORDERS,
@@ -45,10 +46,7 @@ from taskplex_mpi._protocol import (
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["EXIT", "main", "serve"]
-
-EXIT = "exit"
-"""What :func:`serve` returns when the orders said to leave for good (no further server)."""
+__all__ = ["main", "serve", "wait_for_orders"]
 
 MAX_PAUSE = 1e-3
 """Seconds: the longest pause between two looks for orders."""

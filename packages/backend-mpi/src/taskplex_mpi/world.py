@@ -19,8 +19,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from taskplex_mpi._protocol import ORDERS, STOP
-from taskplex_mpi.worker import EXIT, serve
+from taskplex_mpi._protocol import EXIT, ORDERS, STOP
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -93,6 +92,20 @@ def _dismiss(world: MPI.Comm) -> None:
         request.wait()
 
 
+JOB_VARIABLES = ("PMI_", "PMIX_", "OMPI_COMM_WORLD_", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+"""Prefixes of the variables through which mpiexec tells a process that it is a rank of the job."""
+
+
+def _forget_the_job() -> None:
+    """MPI has read the job's variables; programs the script starts must not think they are ranks.
+
+    A python the script starts (a subprocess, a spawn-mode server of its own) would otherwise try
+    to join this job as one of its ranks.
+    """
+    for name in [name for name in os.environ if name.startswith(JOB_VARIABLES)]:
+        del os.environ[name]
+
+
 def main() -> None:
     """Entry point of ``python -m taskplex_mpi``."""
     args = sys.argv[1:]
@@ -101,7 +114,10 @@ def main() -> None:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    _forget_the_job()
     if world.Get_rank() != 0:
+        from taskplex_mpi.worker import serve
+
         while serve(world, world, 0) != EXIT:
             pass
         return
