@@ -1,0 +1,111 @@
+"""Never hangs, never loses a task: a restarted slurmctld, a hanging squeue, a pending job
+cancelled, and one squeue per poll however many jobs there are."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import hpc_tasks
+import pytest
+from hpc_support import BOUND, MakeExecutor, queued_job_ids, run, wait_until
+
+from taskplex import TaskStatus
+
+ROOT = Path(__file__).resolve().parents[2]
+SETUP_SLURM = ROOT / ".ci" / "setup-slurm"
+CONTROLLER_PID = Path("/run/slurmctld.pid")
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a killed daemon lingers as a zombie for a while
+
+
+def test_slurmctld_restarted_mid_run_loses_no_task(make_executor: MakeExecutor, shared: Path) -> None:
+    assert SETUP_SLURM.exists(), f"{SETUP_SLURM} restarts the controller in this test"
+    executor = make_executor(workers=4, command_timeout=5.0)
+    running = [executor.submit(hpc_tasks.hold, str(shared), f"r{i}") for i in range(3)]
+    for i in range(3):
+        wait_until((shared / f"r{i}.started").exists, f"r{i} to start")
+    pid = int(CONTROLLER_PID.read_text().strip())
+    os.kill(pid, signal.SIGTERM)  # an administrator's restart: the controller saves its state
+    try:
+        wait_until(lambda: not alive(pid), "slurmctld to die")
+        # submitted while there is no controller: sbatch fails, and is tried again later
+        later = [executor.submit(hpc_tasks.record_run, str(shared), f"l{i}") for i in range(3)]
+        for i in range(3):
+            (shared / f"r{i}.release").touch()
+        # the running jobs' results are files: they arrive without a controller
+        wait_until(lambda: all(future.done() for future in running), "results without a controller")
+    finally:
+        subprocess.run(["bash", str(SETUP_SLURM)], check=True, timeout=300, capture_output=True)
+    assert [future.result(BOUND) for future in running] == ["r0", "r1", "r2"]
+    assert [future.result(BOUND) for future in later] == [1, 1, 1]
+    for i in range(3):
+        assert not (shared / f"r{i}.run2").exists(), f"r{i} ran twice"
+        assert not (shared / f"l{i}.run2").exists(), f"l{i} ran twice"
+
+
+def test_a_hanging_squeue_does_not_wedge_the_server(
+    make_executor: MakeExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    squeue = fake / "squeue"
+    squeue.write_text("#!/bin/sh\nexec sleep 600\n")
+    squeue.chmod(0o755)
+    real_path = os.environ["PATH"]
+    executor = make_executor(command_timeout=1.0, workers=3)
+    monkeypatch.setenv("PATH", f"{fake}:{real_path}")
+    try:
+        futures = [executor.submit(abs, -i) for i in range(3)]
+        assert [future.result(BOUND) for future in futures] == [0, 1, 2]
+    finally:
+        monkeypatch.setenv("PATH", real_path)
+
+
+def test_cancelling_a_pending_job_withdraws_it(make_executor: MakeExecutor, shared: Path) -> None:
+    cpus = max(int(n) for n in run(["sinfo", "-N", "--noheader", "-o", "%c"]).split())
+    blocker = run(
+        ["sbatch", "--parsable", "-c", str(cpus), "-t", "2", "-o", "/dev/null", "--wrap", "sleep 120"]
+    )
+    blocker_id = blocker.strip().split(";")[0]
+    try:
+        wait_until(
+            lambda: run(["squeue", "--noheader", "-j", blocker_id, "-o", "%T"]).strip() == "RUNNING",
+            "the node to be full",
+        )
+        executor = make_executor(job_name="tppend")
+        future = executor.submit(hpc_tasks.hold, str(shared), "never")
+        wait_until(lambda: queued_job_ids("tppend") != [], "the job to be queued")
+        assert future.task.status is TaskStatus.QUEUED
+        assert future.cancel() is True
+        wait_until(lambda: queued_job_ids("tppend") == [], "the pending job to be cancelled")
+    finally:
+        run(["scancel", blocker_id])
+    assert future.cancelled()
+    assert not (shared / "never.started").exists()
+
+
+def test_one_squeue_per_poll_whatever_the_number_of_jobs(
+    make_executor: MakeExecutor, shared: Path
+) -> None:
+    executor = make_executor(workers=6)
+    backend = executor.server.backend
+    futures = [executor.submit(hpc_tasks.hold, str(shared), f"t{i}") for i in range(6)]
+    for i in range(6):
+        wait_until((shared / f"t{i}.started").exists, f"t{i} to start")
+    polls_before, calls_before = backend.polls, backend.scheduler_calls.get("squeue", 0)
+    wait_until(lambda: backend.polls >= polls_before + 10, "ten polls")
+    polls = backend.polls - polls_before
+    calls = backend.scheduler_calls.get("squeue", 0) - calls_before
+    assert calls <= polls + 1, f"{calls} squeue calls in {polls} polls of 6 running jobs"
+    for i in range(6):
+        (shared / f"t{i}.release").touch()
+    assert [future.result(BOUND) for future in futures] == [f"t{i}" for i in range(6)]
