@@ -10,6 +10,8 @@ source distribution (the version installed), copies ``tests/test_evaluation_serv
    (strict: if one starts passing, the run fails) — see ``DIFFERENCES`` and docs/migrating-from-ropt.md.
    ropt's one-second limit per test is raised to 60 s: these tests check behaviour, and ropt's own
    servers miss one second as well on a loaded machine (speed is compared in ``nox -s bench``).
+   ropt's HPC tests replace ``pysqa.QueueAdapter`` with a mock that runs each job's command
+   locally; here that replacement is pointed at an unused name, so the tests submit real jobs.
 2. The example optimisation (``examples/hpc.py``, a Rosenbrock function over five realisations)
    with ropt's own ``MultiprocessingServer``, then on taskplex's ``MultiprocessingServer`` and on
    taskplex's ``HPCServer`` against Slurm: each must reach the same optimum.
@@ -41,8 +43,13 @@ DIFFERENCES = {
     ),
 }
 
+MOCKED_ADAPTER = '"ropt.workflow.servers._hpc_server.pysqa.QueueAdapter"'
+UNUSED_NAME = '"taskplex_differences.UNUSED"'
+
 PLUGIN = f"""
 import pytest
+
+UNUSED = None  # what ropt's tests would have replaced pysqa.QueueAdapter with goes here
 
 DIFFERENCES = {DIFFERENCES!r}
 
@@ -66,6 +73,10 @@ def main(argv: list[str]) -> int:
     tests = (source / "tests" / "test_evaluation_servers.py").read_text()
     tests = switch_import(tests, "tests/test_evaluation_servers.py")
     tests = tests.replace("pytest.mark.timeout(1)", "pytest.mark.timeout(60)")
+    tests = tests.replace("pytest.mark.timeout(30)", "pytest.mark.timeout(120)")
+    if MOCKED_ADAPTER not in tests:
+        raise SystemExit("ropt's HPC tests no longer mock pysqa.QueueAdapter as expected")
+    tests = tests.replace(MOCKED_ADAPTER, UNUSED_NAME)
     (suite / "test_evaluation_servers.py").write_text(tests)
     (suite / "conftest.py").write_text((source / "tests" / "conftest.py").read_text())
     (suite / "taskplex_differences.py").write_text(PLUGIN)
@@ -117,7 +128,7 @@ def run_example(source: Path, work: Path) -> int:
     runs = {
         "ropt's own MultiprocessingServer": [str(original), "--multiprocessing"],
         "taskplex_ropt.MultiprocessingServer": [str(switched), "--multiprocessing"],
-        "taskplex_ropt.HPCServer on Slurm": [str(switched), "--hpc-workdir", str(hpc_dir)],
+        "taskplex_ropt.HPCServer on Slurm": [str(switched), str(hpc_dir)],
     }
     optima = {}
     for label, arguments in runs.items():

@@ -122,7 +122,8 @@ def _hpc_server_class() -> type[Server]:
     class HPCServer(_TaskplexHPCServer):
         """ropt's ``HPCServer``, with ropt's defaults (``workdir="./"``, ``interval=1``).
 
-        ``interval=0`` (ropt: poll without pause) becomes :data:`MIN_INTERVAL`. ``retries``
+        ``interval=0`` (ropt: poll without pause) becomes :data:`MIN_INTERVAL`; an empty
+        ``template`` means none (the backend's own submission script). ``retries``
         and ``cleanup`` are accepted and have no effect: taskplex learns how each job ended from
         the scheduler, and removes the job files when the server stops.
         """
@@ -132,12 +133,18 @@ def _hpc_server_class() -> type[Server]:
             *,
             workdir: Path | str = "./",
             interval: float = 1,
+            template: str | None = None,
             retries: int = 30,
             cleanup: bool = True,
             **options: Any,
         ) -> None:
             del retries, cleanup
-            super().__init__(workdir=workdir, interval=max(interval, MIN_INTERVAL), **options)
+            super().__init__(
+                workdir=workdir,
+                interval=max(interval, MIN_INTERVAL),
+                template=template or None,
+                **options,
+            )
 
     globals()["HPCServer"] = HPCServer
     return HPCServer
