@@ -4,6 +4,10 @@ The mode under test is the mode the suite's process is in: world mode when pytes
 under ``mpiexec -n N python -m taskplex_mpi -m pytest ...`` (its servers then use the job's worker
 ranks), else spawn mode. Both are held to the suite: ``nox -s conformance`` runs it both ways.
 
+The servers are built with the default options, which send short tasks ahead to busy ranks (so
+a launched task cannot always be withdrawn); with ``TASKPLEX_MPI_PREFETCH=0`` in the environment
+they send none ahead, and the suite holds them to withdrawing launched tasks as well.
+
 Workers run on this machine in both modes, so the suite's marker files live in its own temporary
 directory. What a server left behind is this process's own leftovers, except for the MPI process
 manager that the first spawn starts (``mpiexec`` of the singleton, MPICH's Hydra or Open MPI's
@@ -15,6 +19,7 @@ even while that process manager has not reaped them yet (Hydra reaps at its next
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,6 +30,8 @@ from taskplex_mpi import spawning, world
 
 __all__ = ["MPILeftovers", "MPIProvider"]
 
+PREFETCH_VARIABLE = "TASKPLEX_MPI_PREFETCH"
+"""The environment variable that sets the ``prefetch`` of the servers under test."""
 PROCESS_MANAGERS = ("mpiexec -pmi_args", "hydra_pmi_proxy", "prterun", "prted", "prte ")
 """Command lines of the process managers an MPI keeps for a process that spawned."""
 
@@ -41,12 +48,16 @@ class MPIProvider(TestProvider):
             self.max_workers = world.free_ranks()
 
     def options(self, workdir: Path) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        prefetch = os.environ.get(PREFETCH_VARIABLE)
+        if prefetch is not None:
+            options["prefetch"] = int(prefetch)
         if self.mode == "world":
             # "auto", not "world": a program the suite starts with plain python (to see what
             # happens at its exit) is not in the job, and spawns its own ranks instead
-            return {"mode": "auto"}
+            return {**options, "mode": "auto"}
         spawning.find_launcher()  # BackendUnavailable, saying why, when spawning cannot work
-        return {"mode": "spawn"}
+        return {**options, "mode": "spawn"}
 
     def snapshot(self) -> Leftovers:
         if self.mode == "spawn":
