@@ -47,6 +47,10 @@ __all__ = ["WorkerHost", "default_name"]
 
 logger = logging.getLogger("taskplex.zmq.worker")
 
+STARTED_DELAY = 0.001
+"""Seconds a task's start is held back before it is reported alone: a short task's result
+follows within them and reports both in one message."""
+
 _TASK_PROCESS = re.compile(r"pid (\d+)")
 """How the mp backend names the process that runs a task (``Task.worker``)."""
 
@@ -96,8 +100,7 @@ class WorkerHost:
         self._results = ResultsQueue()
         self._tasks: dict[int, Task] = {}
         self._keys: dict[str, int] = {}
-        self._started: list[int] = []
-        self._pids: list[int] = []
+        self._started: dict[int, int] = {}  # key -> pid of its task process, not yet reported
         self._logs: list[tuple[int, bytes]] = []
         self._flush_scheduled = False
         self._incarnation: bytes | None = None
@@ -205,7 +208,6 @@ class WorkerHost:
         self._tasks.clear()
         self._keys.clear()
         self._started.clear()
-        self._pids.clear()
         self._logs.clear()
         self._rejoining = asyncio.ensure_future(self._hello())
 
@@ -227,10 +229,9 @@ class WorkerHost:
             return
         key = self._keys.get(task.id)
         if key is not None:
-            self._started.append(key)
             found = _TASK_PROCESS.fullmatch(task.worker or "")
-            self._pids.append(int(found.group(1)) if found else 0)
-            self._schedule_flush()
+            self._started[key] = int(found.group(1)) if found else 0
+            self._schedule_flush(STARTED_DELAY)
 
     def _collect_log(self, key: int, record: bytes) -> None:
         self._logs.append((key, record))
@@ -246,18 +247,23 @@ class WorkerHost:
         else:
             loop.call_soon_threadsafe(self._schedule_flush)
 
-    def _schedule_flush(self) -> None:
+    def _schedule_flush(self, delay: float = 0.0) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio.get_running_loop()
+            if delay:
+                loop.call_later(delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         socket = self.socket
         if self._started:
-            started, self._started = self._started, []
-            pids, self._pids = self._pids, []
-            socket.send_multipart([p.W_STARTED, p.pack_ids(started), p.pack_ids(pids)])
+            started, self._started = self._started, {}
+            socket.send_multipart(
+                [p.W_STARTED, p.pack_ids(list(started)), p.pack_ids(list(started.values()))]
+            )
         if self._logs:
             logs, self._logs = self._logs, []
             socket.send_multipart(
@@ -285,6 +291,7 @@ class WorkerHost:
             key = self._keys.pop(task.id, None)
             if key is None or self._tasks.pop(key, None) is None:
                 continue  # of a broker that no longer counts on it
+            self._started.pop(key, None)  # the result says it started: no news of its own
             flag, payload = self._outcome(task)
             keys.append(key)
             flags.append(flag)
