@@ -1,46 +1,23 @@
-"""Task objects in ropt's protocol on a server's task queue, and things that are not tasks at all."""
+"""Task objects in ropt's protocol on a server's task queue, and things that are not tasks at all.
+
+taskplex_ropt's Task and ResultsQueue are drop-in copies of ropt's; any object in that protocol
+is taken the same way (core knows nothing of taskplex_ropt).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from taskplex import Task
 from taskplex_async import AsyncServer
+from taskplex_ropt import ResultsQueue
+from taskplex_ropt import Task as RoptTask
 
 BOUND = 30.0
-
-
-class Results(queue.Queue[Any]):
-    def __init__(self) -> None:
-        super().__init__()
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@dataclass(kw_only=True)
-class RoptLikeTask:
-    function: Any
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    results_queue: Results
-    result: Any = None
-    name: str | None = None
-
-    def put_result(self, result: Any) -> None:
-        self.result = result
-        self.results_queue.put(self)
-
-    def cancel_all(self) -> None:
-        self.results_queue.put(None)
-        self.results_queue.close()
 
 
 def fail(x: int) -> int:
@@ -61,8 +38,8 @@ async def _serve(server: AsyncServer, items: list[Any], *, before_start: bool = 
 
 
 def test_a_foreign_task_gets_its_result_through_put_result() -> None:
-    results = Results()
-    tasks = [RoptLikeTask(function=pow, args=(2, x), results_queue=results) for x in range(3)]
+    results = ResultsQueue()
+    tasks = [RoptTask(function=pow, args=(2, x), results_queue=results) for x in range(3)]
     asyncio.run(_serve(AsyncServer(workers=2), tasks))
     assert sorted(results.get(timeout=BOUND).result for _ in range(3)) == [1, 2, 4]
 
@@ -70,9 +47,9 @@ def test_a_foreign_task_gets_its_result_through_put_result() -> None:
 def test_a_failing_foreign_task_is_told_and_the_group_lives_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    results = Results()
-    good = RoptLikeTask(function=abs, args=(-3,), results_queue=Results())
-    bad = RoptLikeTask(function=fail, args=(7,), results_queue=results)
+    results = ResultsQueue()
+    good = RoptTask(function=abs, args=(-3,), results_queue=ResultsQueue())
+    bad = RoptTask(function=fail, args=(7,), results_queue=results)
     with caplog.at_level(logging.ERROR, logger="taskplex.scheduler"):
         asyncio.run(_serve(AsyncServer(workers=1), [bad, good]))
     assert results.get(timeout=BOUND) is None
@@ -83,8 +60,8 @@ def test_a_failing_foreign_task_is_told_and_the_group_lives_on(
 
 
 def test_something_that_is_not_a_task_fails_alone(caplog: pytest.LogCaptureFixture) -> None:
-    results = Results()
-    after = RoptLikeTask(function=abs, args=(-1,), results_queue=results)
+    results = ResultsQueue()
+    after = RoptTask(function=abs, args=(-1,), results_queue=results)
     with caplog.at_level(logging.ERROR, logger="taskplex.scheduler"):
         asyncio.run(_serve(AsyncServer(workers=1), ["not a task", 42, after]))
     assert results.get(timeout=BOUND).result == 1
@@ -93,8 +70,8 @@ def test_something_that_is_not_a_task_fails_alone(caplog: pytest.LogCaptureFixtu
 
 
 def test_invalid_arguments_fail_only_that_foreign_task() -> None:
-    broken = RoptLikeTask(function=abs, args=5, results_queue=Results())  # type: ignore[arg-type]
-    fine = RoptLikeTask(function=abs, args=(-2,), results_queue=Results())
+    broken = RoptTask(function=abs, args=5, results_queue=ResultsQueue())  # type: ignore[arg-type]
+    fine = RoptTask(function=abs, args=(-2,), results_queue=ResultsQueue())
     asyncio.run(_serve(AsyncServer(workers=1), [broken, fine]))
     assert broken.results_queue.get(timeout=BOUND) is None
     assert "args must be a tuple" in str(broken.exception)  # type: ignore[attr-defined]
@@ -104,9 +81,9 @@ def test_invalid_arguments_fail_only_that_foreign_task() -> None:
 def test_tasks_put_before_start_run_and_the_queue_object_is_kept() -> None:
     server = AsyncServer(workers=1)
     queue_before = server.task_queue
-    results = Results()
+    results = ResultsQueue()
     both = [
-        RoptLikeTask(function=abs, args=(-5,), results_queue=results),
+        RoptTask(function=abs, args=(-5,), results_queue=results),
         Task(abs, (-6,)),
     ]
     asyncio.run(_serve(server, both, before_start=True))
@@ -114,6 +91,6 @@ def test_tasks_put_before_start_run_and_the_queue_object_is_kept() -> None:
     assert results.get(timeout=BOUND).result == 5
     assert both[1].result == 6
     # a second run in a new event loop still works (the queue is replaced once bound)
-    again = Results()
-    asyncio.run(_serve(server, [RoptLikeTask(function=abs, args=(-8,), results_queue=again)]))
+    again = ResultsQueue()
+    asyncio.run(_serve(server, [RoptTask(function=abs, args=(-8,), results_queue=again)]))
     assert again.get(timeout=BOUND).result == 8
