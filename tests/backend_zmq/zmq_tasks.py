@@ -18,7 +18,8 @@ def noop(value: object = None) -> object:
 
 
 def hold(directory: str, name: str) -> int:
-    """Append this process's pid to ``<name>.runs``, wait for ``<name>.release``; return the pid."""
+    """Append this process's pid to ``<name>.runs``, wait for ``<name>.release``, touch
+    ``<name>.done``; return the pid."""
     folder = Path(directory)
     with (folder / f"{name}.runs").open("a") as runs:
         runs.write(f"{os.getpid()}\n")
@@ -27,6 +28,7 @@ def hold(directory: str, name: str) -> int:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name} was never released")
         time.sleep(0.01)
+    (folder / f"{name}.done").touch()
     return os.getpid()
 
 
@@ -38,3 +40,7 @@ def runs(directory: str, name: str) -> list[int]:
 
 def release(directory: str, name: str) -> None:
     (Path(directory) / f"{name}.release").touch()
+
+
+def done(directory: str, name: str) -> bool:
+    return (Path(directory) / f"{name}.done").exists()

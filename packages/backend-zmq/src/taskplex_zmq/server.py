@@ -23,7 +23,10 @@ a worker host that dies or goes silent is detected by the broker's heartbeats wi
 liveness`` seconds and its started tasks fail the same way. A restarted broker, noticed by its new
 incarnation id, gets every task this client has not seen finish submitted again: nothing that
 was submitted is lost, and a task that was running when the broker died may run twice (the first
-result counts). Results from an attempt that is over are ignored.
+result counts). A client that was out of touch with its broker (a network cut) and hears it
+again submits its unreported tasks again after the results the broker kept for it have arrived:
+the broker ignores those it still has, and one whose result was lost with the connection runs
+again. Results from an attempt that is over are ignored.
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ class ZmqBackend(Backend):
         self._incarnation: bytes | None = None
         self._welcomed: asyncio.Event | None = None
         self._heard = 0.0
+        self._out_of_touch = False
         self._levels: LevelWatch | None = None
         self._seconds: float | None = None  # smoothed duration of a task
         self._prefetch = 0
@@ -158,6 +162,7 @@ class ZmqBackend(Backend):
         self._outbox = []
         self._aborts = []
         self._incarnation = None
+        self._out_of_touch = False
         self._welcomed = asyncio.Event()
         self._levels = LevelWatch()
         address = self.address
@@ -240,9 +245,9 @@ class ZmqBackend(Backend):
             silent = time.monotonic() - self._heard
             local = self._local
             if local is None:
-                if silent > self.heartbeat * self.liveness * 4:
-                    logger.warning("the broker at %s has been silent for %.0f s", self.address, silent)
-                    self._heard = time.monotonic()
+                if silent > self.heartbeat * self.liveness and not self._out_of_touch:
+                    self._out_of_touch = True
+                    logger.warning("the broker at %s is silent; waiting for it", self.address)
                 continue
             if local.broker.poll() is not None:
                 raise BackendError(f"the local broker exited with status {local.broker.returncode}")
@@ -311,6 +316,19 @@ class ZmqBackend(Backend):
             aborts, self._aborts = self._aborts, []
             self._send([p.C_ABORT, p.pack_ids(aborts)])
 
+    def _catch_up(self) -> None:
+        """Back in touch after a silence: results sent meanwhile may have been lost with the
+        connection, so every task not reported yet is submitted again. The broker ignores those
+        it still has; one whose result was lost runs again."""
+        if self._socket is None or not self._attempts:
+            return
+        attempts = list(self._attempts.values())
+        logger.warning("back in touch with the broker: checking %d unreported task(s)", len(attempts))
+        frames: list[bytes] = [p.C_SUBMIT, p.pack_ids([attempt.id for attempt in attempts])]
+        for attempt in attempts:
+            frames.extend(attempt.payload)
+        self._send(frames)
+
     def _resubmit(self) -> None:
         """A new broker: everything not yet reported goes to it again (see the module docstring)."""
         self._hello()
@@ -336,6 +354,10 @@ class ZmqBackend(Backend):
             while socket is not None and _readable(socket):
                 frames = socket.recv_multipart(zmq.NOBLOCK)
                 self._heard = time.monotonic()
+                if self._out_of_touch:
+                    self._out_of_touch = False
+                    # after the results the broker kept for us, which arrive first
+                    asyncio.get_running_loop().call_later(2 * self.heartbeat, self._catch_up)
                 self._handle(frames)
                 socket = self._socket
         except Exception as exc:
@@ -371,7 +393,8 @@ class ZmqBackend(Backend):
                 self._resubmit()
             if kind == p.WELCOME and self._welcomed is not None:
                 self._welcomed.set()
-        elif kind == p.UNKNOWN:
+        elif kind == p.UNKNOWN and self._incarnation is not None:
+            # (with no incarnation: an answer to what we sent before our HELLO was read)
             self._incarnation = None
             self._resubmit()
 

@@ -47,6 +47,8 @@ __all__ = ["WorkerHost", "default_name"]
 
 logger = logging.getLogger("taskplex.zmq.worker")
 
+REHELLO = 10
+"""Silences (``heartbeat * liveness``) without a WELCOME after which a HELLO is sent again."""
 STARTED_DELAY = 0.001
 """Seconds a task's start is held back before it is reported alone: a short task's result
 follows within them and reports both in one message."""
@@ -104,6 +106,8 @@ class WorkerHost:
         self._logs: list[tuple[int, bytes]] = []
         self._flush_scheduled = False
         self._incarnation: bytes | None = None
+        self._joined = False  # the broker welcomed the last HELLO
+        self._hello_sent = 0.0
         self._heard = time.monotonic()
         self._levels: dict[str, int] | None = None
         self._rejoining: asyncio.Future[None] | None = None
@@ -140,7 +144,9 @@ class WorkerHost:
             root.removeHandler(handler)
 
     async def _hello(self) -> None:
+        self._joined = False
         self._incarnation = None
+        self._hello_sent = time.monotonic()
         await self.socket.send_multipart(
             [p.W_HELLO, p.PROTOCOL_VERSION, p.ORDER_MARK, p.pack_u32(self.capacity), self.name.encode()]
         )
@@ -158,7 +164,8 @@ class WorkerHost:
     def _handle(self, frames: list[bytes]) -> None:
         kind = frames[0]
         if kind == p.TASKS:
-            self._take(frames)
+            if self._joined:  # else: sent before the broker read our HELLO; it hands them elsewhere
+                self._take(frames)
         elif kind == p.CANCEL:
             for key in p.unpack_ids(frames[1]):
                 task = self._tasks.get(key)
@@ -171,11 +178,13 @@ class WorkerHost:
             if self._incarnation is not None and frames[1] != self._incarnation:
                 self._broker_changed("the broker restarted")
             self._incarnation = frames[1]
+            self._joined = True
             self._apply_levels(frames[2])
         elif kind == p.LEVELS:
             self._apply_levels(frames[1])
         elif kind == p.UNKNOWN:
-            self._broker_changed("the broker does not know this host")
+            if self._joined:  # else: an answer to what we sent before our HELLO
+                self._broker_changed("the broker does not know this host")
         else:
             raise p.Malformed(f"kind {kind[:8]!r}")
 
@@ -213,10 +222,17 @@ class WorkerHost:
 
     async def _beat(self) -> None:
         ping = [p.W_PING]
+        silence = self.heartbeat * self.liveness
         while True:
             await asyncio.sleep(self.heartbeat)
-            if time.monotonic() - self._heard > self.heartbeat * self.liveness:
-                self._heard = time.monotonic()
+            now = time.monotonic()
+            if not self._joined:
+                # a HELLO waits in the socket until a broker reads it; say it again only if a
+                # broker may have read it and died before it answered
+                if now - self._hello_sent > REHELLO * silence:
+                    await self._hello()
+                continue
+            if now - self._heard > silence:
                 self._broker_changed("the broker is silent")
                 continue
             await self.socket.send_multipart(ping)
