@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import tracemalloc
@@ -162,3 +163,9 @@ def make_probed(size: int) -> tuple[MemoryProbe, bytes]:
 
 def log_debug(logger_name: str) -> None:
     logging.getLogger(logger_name).debug("debug from %s", logger_name)
+
+
+def heavy_modules_loaded(_: object) -> list[str]:
+    """Which of the modules a worker should not need are imported in this process."""
+    heavy = ("taskplex.executor", "taskplex.scheduler", "taskplex.plugins", "sqlite3", "tqdm")
+    return [name for name in heavy if name in sys.modules]

@@ -37,6 +37,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 
+from taskplex._chunks import await_chunk, call_chunk
 from taskplex.backend import current_attempt, is_coroutine_function
 from taskplex.errors import InvalidOption
 from taskplex.journal import Journal
@@ -522,9 +523,9 @@ class Executor(cf.Executor):
         if chunksize == 1:
             futures = [(self.submit(fn, *args), 1) for args in calls]
         else:
-            call_chunk: Callable[..., Any] = _await_chunk if is_coroutine_function(fn) else _call_chunk
+            run_chunk: Callable[..., Any] = await_chunk if is_coroutine_function(fn) else call_chunk
             chunks = iter(lambda: tuple(itertools.islice(calls, chunksize)), ())
-            futures = [(self.submit(call_chunk, fn, chunk), len(chunk)) for chunk in chunks]
+            futures = [(self.submit(run_chunk, fn, chunk), len(chunk)) for chunk in chunks]
         bar = ProgressBar(
             sum(size for _, size in futures),
             shown=bool(progress),
@@ -617,13 +618,3 @@ def _results_in_order(
 
 def _advance(bar: ProgressBar, size: int, _: object) -> None:
     bar.advance(size)
-
-
-def _call_chunk(fn: Callable[..., T], calls: tuple[tuple[Any, ...], ...]) -> list[T]:
-    """Run one chunk of a chunked map inside a single task."""
-    return [fn(*args) for args in calls]
-
-
-async def _await_chunk(fn: Callable[..., Any], calls: tuple[tuple[Any, ...], ...]) -> list[Any]:
-    """Run one chunk of a chunked map of a coroutine function inside a single task."""
-    return [await fn(*args) for args in calls]
