@@ -10,6 +10,7 @@ The program reports through a JSON file, never through the ranks' interleaved ou
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -40,6 +41,15 @@ def report(**values):
 """
 
 
+@functools.cache
+def mpiexec_options() -> list[str]:
+    """Open MPI runs no more ranks than cores unless asked to; MPICH needs no option."""
+    answer = subprocess.run(
+        [MPIEXEC, "--version"], capture_output=True, text=True, timeout=BOUND, check=False
+    )
+    return ["--oversubscribe"] if "Open MPI" in answer.stdout else []
+
+
 @dataclass
 class Finished:
     """How a test program ended, and what it reported."""
@@ -68,7 +78,8 @@ def run_program(
         command = [sys.executable, str(script), *args]
     else:
         through = ["-m", "taskplex_mpi"] if launcher else []
-        command = [MPIEXEC, "-n", str(ranks), sys.executable, *through, str(script), *args]
+        command = [MPIEXEC, *mpiexec_options(), "-n", str(ranks), sys.executable, *through]
+        command += [str(script), *args]
     environment = {
         **os.environ,
         **(env or {}),

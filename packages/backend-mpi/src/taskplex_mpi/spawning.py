@@ -32,6 +32,14 @@ VERSION_TIMEOUT = 20.0
 
 WORKER_COMMAND = "from taskplex_mpi.worker import main; main()"
 
+ROOT_CONSENT = (
+    "OMPI_ALLOW_RUN_AS_ROOT",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
+    "PRTE_ALLOW_RUN_AS_ROOT",
+    "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM",
+)
+"""What Open MPI's launcher and its runtime (PRRTE) want set to 1 before they run as root."""
+
 HOW_TO_FIX = (
     "put the mpiexec of the MPI that mpi4py uses first on PATH or pass mpiexec=PATH "
     "(with the MPICH wheel: pip install mpich, whose mpiexec lands beside this python), "
@@ -109,6 +117,8 @@ def find_launcher(mpiexec: str | None = None) -> Launcher:
 def prepare_environment(launcher: Launcher) -> None:
     """Make the spawn find ``launcher``: its directory goes first on this process's PATH.
 
+    As root, Open MPI spawns only with its four consent variables set; BackendUnavailable says so.
+
     MPICH starts the process manager of a singleton by looking ``mpiexec`` up on ``PATH`` at the
     first spawn, so the change cannot be confined to the call.
     """
@@ -117,10 +127,12 @@ def prepare_environment(launcher: Launcher) -> None:
     if path.split(os.pathsep)[:1] != [directory]:
         os.environ["PATH"] = os.pathsep.join([directory, path]) if path else directory
     if launcher.family == "openmpi" and os.geteuid() == 0:
-        # Open MPI refuses to run as root unless told twice, for its launcher and for prte
-        for prefix in ("OMPI", "PRTE"):
-            os.environ.setdefault(f"{prefix}_ALLOW_RUN_AS_ROOT", "1")
-            os.environ.setdefault(f"{prefix}_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        missing = [name for name in ROOT_CONSENT if os.environ.get(name) != "1"]
+        if missing:
+            raise BackendUnavailable(
+                "Open MPI refuses to spawn as root unless told that it is intended (in a "
+                f"container, say): set {', '.join(f'{name}=1' for name in missing)}"
+            )
 
 
 def spawn_workers(python: str, count: int) -> MPI.Intercomm:

@@ -13,7 +13,8 @@ directory. What a server left behind is this process's own leftovers, except for
 manager that the first spawn starts (``mpiexec`` of the singleton, MPICH's Hydra or Open MPI's
 PRRTE): MPI keeps it, and its connections, for the life of the process, whichever server spawned
 first. So the provider starts it before its first snapshot, and ranks that exited count as gone
-even while that process manager has not reaped them yet (Hydra reaps at its next event).
+even while that process manager has not reaped them yet (Hydra reaps at its next event). Open MPI
+closes its connections to ranks that exited at its next MPI call, which the provider makes.
 """
 
 from __future__ import annotations
@@ -86,11 +87,19 @@ class MPILeftovers(Leftovers):
         self._local = LocalLeftovers()
 
     def remaining(self) -> list[str]:
+        _progress()
         return [
             found
             for found in self._local.remaining()
             if not any(manager in found for manager in PROCESS_MANAGERS) and not _exited_rank(found)
         ]
+
+
+def _progress() -> None:
+    """Let MPI make progress: Open MPI closes its connections to ranks that exited only then."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.COMM_WORLD.Iprobe()
 
 
 def _exited_rank(found: str) -> bool:
