@@ -65,12 +65,13 @@ def run_program(
     *,
     ranks: int | None = None,
     launcher: bool = True,
+    module: str | None = None,
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     timeout: float = BOUND,
 ) -> Finished:
     """Run ``PRELUDE + body`` with python (``ranks=None``) or under ``mpiexec -n ranks``, through
-    ``python -m taskplex_mpi`` unless ``launcher`` is False."""
+    ``python -m taskplex_mpi`` unless ``launcher`` is False (running ``-m module`` if given)."""
     script = directory / "program.py"
     script.write_text(PRELUDE + textwrap.dedent(body))
     result = directory / "result.json"
@@ -79,7 +80,8 @@ def run_program(
     else:
         through = ["-m", "taskplex_mpi"] if launcher else []
         command = [MPIEXEC, *mpiexec_options(), "-n", str(ranks), sys.executable, *through]
-        command += [str(script), *args]
+        command += ["-m", module] if module else [str(script)]
+        command += args
     environment = {
         **os.environ,
         **(env or {}),

@@ -86,3 +86,19 @@ def test_an_error_in_the_script_ends_the_job_with_its_traceback(tmp_path: Path) 
     )
     assert finished.returncode != 0
     assert "the script gave up" in finished.output
+
+
+def test_a_module_runs_as_with_python_m(tmp_path: Path) -> None:
+    package = tmp_path / "jobs"
+    package.mkdir()
+    (package / "__init__.py").touch()
+    (package / "sweep.py").write_text(
+        "import json, os, sys, taskplex, mpi_tasks\n"
+        "if __name__ == '__main__':\n"
+        "    with taskplex.Executor('mpi') as executor:\n"
+        "        results = list(executor.map(mpi_tasks.double, range(5)))\n"
+        "    with open(os.environ['MPI_TEST_RESULT'], 'w') as out:\n"
+        "        json.dump({'argv': sys.argv[1:], 'results': results}, out)\n"
+    )
+    reported = succeeded(run_program("", tmp_path, ranks=2, module="jobs.sweep", args=("x",)))
+    assert reported == {"argv": ["x"], "results": [0, 2, 4, 6, 8]}
