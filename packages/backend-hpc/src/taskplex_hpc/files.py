@@ -31,9 +31,14 @@ from pathlib import Path
 __all__ = [
     "ABORT",
     "CALL",
+    "CLAIMED",
+    "DRAINING",
+    "DRAIN_MARGIN",
+    "EXIT",
     "GO",
     "LOG",
     "OUTPUT",
+    "QUEUE",
     "RESULT",
     "STARTED",
     "LogReader",
@@ -53,6 +58,17 @@ ABORT = "abort"
 RESULT = "result"
 LOG = "log"
 OUTPUT = "job.out"
+EXIT = "exit"
+"""Packed: written by a pilot when an attempt's process ended without a result (how it ended)."""
+QUEUE = "queue-"
+"""Packed: prefix of the ticket directories in a run directory (one per task shape)."""
+CLAIMED = "claimed-"
+"""Packed: prefix of a pilot's directory of claimed tickets (followed by its Slurm job id)."""
+
+DRAINING = "draining-"
+"""Packed: a pilot that takes no more tasks leaves this marker (followed by its Slurm job id)."""
+DRAIN_MARGIN = 10.0
+"""Packed: seconds before a pilot's walltime at which it stops starting tasks."""
 
 _FRAME = struct.Struct("<I")
 

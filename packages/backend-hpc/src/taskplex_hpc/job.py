@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from taskplex_hpc import files
 
-__all__ = ["main", "run_attempt"]
+__all__ = ["die_with", "main", "run_attempt"]
 
 POLL = 0.02
 """Seconds between looks for the server's go (and for abort, where inotify is missing)."""
@@ -71,7 +71,10 @@ def run_attempt(directory: Path) -> int:
         error.__cause__ = exc
         _write_outcome(directory, "error", dumps_exception(error))
         return 0
-    files.write_atomically(directory / files.STARTED, f"{os.getpid()} {socket.gethostname()}".encode())
+    job_id = os.environ.get("SLURM_JOB_ID", "?")
+    files.write_atomically(
+        directory / files.STARTED, f"{os.getpid()} {socket.gethostname()} {job_id}".encode()
+    )
     if not _wait_for_go(directory, call["go_timeout"]):
         return 0  # withdrawn, or the server is gone: the function never runs
     guard = _start_guard(directory)
@@ -101,14 +104,15 @@ def _start_guard(directory: Path) -> int:
     if pid != 0:
         return pid
     try:
-        _die_with(job)
-        if _wait_for_file(directory, files.ABORT):
-            os.killpg(0, signal.SIGKILL)
+        die_with(job)
+        _wait_for_file(directory, files.ABORT)
+        # asked to, or the server removed the attempt's directory: it wants nothing of it now
+        os.killpg(0, signal.SIGKILL)
     finally:
         os._exit(1)  # never back into the job's code
 
 
-def _die_with(parent: int) -> None:
+def die_with(parent: int) -> None:
     """Have the kernel kill this process when ``parent`` ends (Linux), so no guard outlives its job."""
     if sys.platform.startswith("linux"):
         import ctypes
@@ -169,9 +173,11 @@ def _flush_output() -> None:
 
 
 def _wait_for_go(directory: Path, timeout: float) -> bool:
-    go = directory / files.GO
+    go, abort = directory / files.GO, directory / files.ABORT
     deadline = time.monotonic() + timeout
     while not go.exists():
+        if abort.exists():
+            return False
         if time.monotonic() > deadline:
             print(f"taskplex_hpc.job: no go from the server within {timeout:g} s", file=sys.stderr)
             return False

@@ -13,7 +13,10 @@ from pathlib import Path
 from taskplex import InvalidOption
 from taskplex_hpc.cluster import parse_slurm_time
 
-__all__ = ["DEFAULT_TEMPLATE", "QUEUE_TYPES", "Options"]
+__all__ = ["DEFAULT_TEMPLATE", "MIN_PILOT_WALLTIME", "QUEUE_TYPES", "Options"]
+
+MIN_PILOT_WALLTIME = 60.0
+"""Slurm's time limits are whole minutes."""
 
 QUEUE_TYPES = ("slurm",)
 """Batch systems whose job endings this backend can read (pysqa submits to more)."""
@@ -76,6 +79,10 @@ class Options:
     job_name: str
     command_timeout: float
     result_grace: float
+    pack: bool
+    pilot_cores: int | None
+    pilot_walltime: float
+    pilot_idle: float
 
     @classmethod
     def check(
@@ -98,6 +105,10 @@ class Options:
         job_name: str,
         command_timeout: float,
         result_grace: float,
+        pack: bool,
+        pilot_cores: int | None,
+        pilot_walltime: float | str,
+        pilot_idle: float,
     ) -> Options:
         if not isinstance(workdir, str | os.PathLike):
             raise InvalidOption(f"workdir must be a path on a shared filesystem, got {workdir!r}")
@@ -105,6 +116,7 @@ class Options:
             ("interval", interval),
             ("command_timeout", command_timeout),
             ("result_grace", result_grace),
+            ("pilot_idle", pilot_idle),
         ):
             if not _positive(value):
                 raise InvalidOption(f"{name} must be a number of seconds > 0, got {value!r}")
@@ -129,6 +141,15 @@ class Options:
         if memory is not None and not _int_at_least(memory, 1):
             raise InvalidOption(f"memory is in megabytes (an int > 0) or None, got {memory!r}")
         seconds = _walltime(walltime)
+        if not isinstance(pack, bool):
+            raise InvalidOption(f"pack must be True or False, got {pack!r}")
+        if pilot_cores is not None and not _int_at_least(pilot_cores, 1):
+            raise InvalidOption(f"pilot_cores must be an int >= 1 or None, got {pilot_cores!r}")
+        pilot_seconds = _walltime(pilot_walltime)
+        if pilot_seconds is None or pilot_seconds < MIN_PILOT_WALLTIME:
+            raise InvalidOption(
+                f"pilot_walltime must be at least {MIN_PILOT_WALLTIME:g} s, got {pilot_walltime!r}"
+            )
         if isinstance(sbatch_options, str) or not all(
             isinstance(option, str) and option.startswith("-") and "\n" not in option
             for option in sbatch_options
@@ -157,6 +178,10 @@ class Options:
             job_name=job_name,
             command_timeout=float(command_timeout),
             result_grace=float(result_grace),
+            pack=pack,
+            pilot_cores=pilot_cores,
+            pilot_walltime=pilot_seconds,
+            pilot_idle=float(pilot_idle),
         )
 
 

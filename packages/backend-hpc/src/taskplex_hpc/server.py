@@ -23,8 +23,14 @@ Data flow, on the server's event loop unless marked (thread) — blocking work r
 
 A job that has started waits for ``go`` before it runs anything, so a task cancelled while its
 job was pending or starting never runs (``withdraws_launched``). The work of a running task is
-stopped with ``scancel`` (``cancel_running``, ``timeout_kills_work``), and an attempt keeps its
-slots until its job has left the queue.
+stopped (``cancel_running``, ``timeout_kills_work``) by the job's guard as soon as the server
+writes ``abort``, by a direct kill where the job runs on this very host, and by ``scancel``; an
+attempt keeps its slots until its job has left the queue.
+
+With ``pack=True`` attempts get no job each: their calls are written as before and a ticket per
+attempt goes into a queue directory per task shape, from which pilot jobs
+(:mod:`taskplex_hpc.pilot`) claim them; the go, abort and result files are the same, and the
+server starts pilots where the live tasks of a shape need more than are queued.
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ import pickle
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from taskplex import (
     BackendError,
@@ -55,6 +63,7 @@ from taskplex import (
     Task,
     TaskCancelled,
     TaskServer,
+    WorkerLost,
 )
 from taskplex.backend import Attempt, Backend, BackendContext
 from taskplex.errors import ExceptionPayload, restore_exception
@@ -90,6 +99,15 @@ class _Job:
     directory: Path
     log_levels: dict[str, int]
     job_id: int | None = None
+    """The job of its own (one job per task), once submitted."""
+    shape: str = ""
+    """Packed: the ticket directory of the pilots sized for it."""
+    ticket: Path | None = None
+    """Packed: its ticket, once dropped for the pilots."""
+    pilot: int | None = None
+    """Packed: the pilot job that claimed it."""
+    where: tuple[int, str] | None = None
+    """The pid and host of the process that runs the attempt, once it said it is ready."""
     began: bool = False
     """The job said it is ready, and the attempt was allowed to start."""
     aborted: bool = False
@@ -107,6 +125,8 @@ class _Scan:
 
     started: str | None = None
     result: bytes | BaseException | None = None
+    exit: str | None = None
+    """Packed: how the attempt's process in its pilot ended without a result."""
     log: list[bytes] = field(default_factory=list)
     output: str = ""
 
@@ -153,9 +173,15 @@ class HPCBackend(Backend):
         self._to_cancel: set[int] = set()
         self._submitted: set[int] = set()
         """Job ids of this run not yet seen gone from the queue (stop cancels what is left)."""
+        self._gone: set[int] = set()
+        """Job ids of this run seen gone from the queue, whose attempts are not all reported."""
         self._finished: dict[int, Path] = {}
         """Reported jobs still in the queue: their directories are removed once they are gone."""
         self._unreachable_since: float | None = None
+        self._pilots: dict[int, str] = {}
+        """Packed: the pilot jobs of this run not yet seen gone, and the shape each serves."""
+        self._pilot_count = 0
+        self._host = socket.gethostname()
         self.polls = 0
         """How many times the server looked at the queue (one squeue call each)."""
 
@@ -247,6 +273,12 @@ class HPCBackend(Backend):
                 f"{type(self).__name__} runs plain functions, and {task.function!r} is a coroutine "
                 'function; use a backend that runs coroutines, e.g. taskplex.Executor("async")'
             )
+        if self.options.pack and self._need(task) > self.options.pilot_walltime - files.DRAIN_MARGIN:
+            raise ResourceUnavailable(
+                f"{task!r} may run {self._need(task):g} s, more than a pilot job has "
+                f"(pilot_walltime={self.options.pilot_walltime:g} s, less {files.DRAIN_MARGIN:g} s "
+                "to drain); raise pilot_walltime"
+            )
         limits = self._limits
         if limits is not None:
             cores, memory, walltime = self._request(task)
@@ -274,9 +306,21 @@ class HPCBackend(Backend):
         levels = logger_levels()
         for attempt in attempts:
             job = _Job(attempt, run_directory / str(attempt.id), levels)
+            if self.options.pack:
+                job.shape = self._shape(attempt.task)
             self._jobs[attempt.id] = job
             self._to_submit.append(job)
         self._submit_wake.set()
+
+    def _shape(self, task: Task) -> str:
+        cores, memory, _ = self._request(task)
+        gpus = max(self.options.gpus, task.resources.gpus)
+        return f"{files.QUEUE}{cores}c-{memory or 0}m-{gpus}g"
+
+    def _need(self, task: Task) -> float:
+        """Seconds a packed task may run: a pilot starts it only with that much time left."""
+        _, _, walltime = self._request(task)
+        return max(walltime or 0.0, task.timeout or 0.0)
 
     async def _submit_loop(self) -> None:
         context = self._context
@@ -285,6 +329,9 @@ class HPCBackend(Backend):
         while True:
             await self._submit_wake.wait()
             self._submit_wake.clear()
+            if self.options.pack:
+                await self._drop_tickets(bound)
+                continue
             while self._to_submit:
                 job = self._to_submit.popleft()
                 if job.aborted:
@@ -324,20 +371,66 @@ class HPCBackend(Backend):
                 if job.aborted:
                     self._cancel(job_id)
 
-    def _submit(self, job: _Job) -> int:
-        """Write the attempt's call and submit its job (thread)."""
-        options = self.options
-        attempt = job.attempt
+    async def _drop_tickets(self, bound: float) -> None:
+        """Write the calls and tickets of every attempt waiting, in one call off the loop."""
+        assert self._context is not None
+        jobs = [job for job in self._to_submit if not job.aborted]
+        self._to_submit.clear()
+        if not jobs:
+            return
+        try:
+            await self._context.run_blocking(self._write_tickets, jobs, timeout=bound)
+        except (BackendError, OSError) as exc:
+            for job in jobs:
+                if job.ticket is None:
+                    self._forget(job)
+                    job.attempt.failed(
+                        BackendError(f"the files of a packed task cannot be written: {exc}")
+                    )
+        for job in jobs:
+            if job.aborted and job.ticket is not None:
+                self._withdraw_ticket(job)
+
+    def _write_tickets(self, jobs: list[_Job]) -> None:
+        """Write each attempt's call, then its ticket in the queue of its shape (thread)."""
+        run_directory = self._run_directory
+        assert run_directory is not None
+        for job in jobs:
+            self._write_call(job)
+            queue = files.make_private_directory(run_directory / job.shape)
+            ticket = queue / job.directory.name
+            files.write_atomically(ticket, str(self._need(job.attempt.task)).encode())
+            job.ticket = ticket
+
+    def _write_call(self, job: _Job) -> None:
         files.make_private_directory(job.directory)
-        function, arguments = attempt.payload
+        function, arguments = job.attempt.payload
         call = {
             "sys_path": self._sys_path,
             "log_levels": job.log_levels,
             "function": function,
             "arguments": arguments,
-            "go_timeout": max(120.0, 60 * options.interval),
+            "go_timeout": max(120.0, 60 * self.options.interval),
         }
         files.write_atomically(job.directory / files.CALL, pickle.dumps(call, pickle.HIGHEST_PROTOCOL))
+
+    def _withdraw_ticket(self, job: _Job) -> None:
+        """Take back an unclaimed ticket (the attempt never runs), else stop its attempt."""
+        assert job.ticket is not None
+        try:
+            job.ticket.unlink()
+        except FileNotFoundError:  # a pilot claimed it: no go will come, and the abort stops it
+            files.touch(job.directory / files.ABORT)
+            if job.began:
+                return  # reported once its pilot says the process ended
+        self._forget(job)
+        job.attempt.give_back()
+
+    def _submit(self, job: _Job) -> int:
+        """Write the attempt's call and submit its job (thread)."""
+        options = self.options
+        attempt = job.attempt
+        self._write_call(job)
         cores, memory, walltime = self._request(attempt.task)
         python = shlex.quote(options.python)
         spec = JobSpec(
@@ -349,13 +442,17 @@ class HPCBackend(Backend):
             walltime=walltime,
             gpus=max(options.gpus, attempt.task.resources.gpus),
         )
-        extra = {
-            "output": str(job.directory / files.OUTPUT),
+        return self.cluster.submit(spec, self._template_extras(job.directory))
+
+    def _template_extras(self, directory: Path) -> dict[str, Any]:
+        """The template's variables beyond pysqa's own."""
+        options = self.options
+        return {
+            "output": str(directory / files.OUTPUT),
             "partition": None if self.cluster.directory_mode else options.queue,
             "account": options.account,
             "sbatch_options": list(options.sbatch_options),
         }
-        return self.cluster.submit(spec, extra)
 
     # ------------------------------------------------------------------ abort
 
@@ -364,9 +461,13 @@ class HPCBackend(Backend):
         if job is None or job.aborted:
             return
         job.aborted = True
+        if job.ticket is not None:
+            self._withdraw_ticket(job)
+            return
         if job.began:
             # the job's guard stops the work as soon as it sees this file, before scancel would
             files.touch(job.directory / files.ABORT)
+            self._kill_here(job)
         if job.job_id is not None:
             self._cancel(job.job_id)
         elif job is not self._submitting:
@@ -374,12 +475,35 @@ class HPCBackend(Backend):
             attempt.give_back()
         # else: the submit loop cancels the job as soon as sbatch has returned its id
 
+    def _kill_here(self, job: _Job) -> None:
+        """Kill the attempt's process at once if it runs on this very host (a node the server
+        shares: a workstation's or a test cluster's Slurm); the guard and scancel cover the rest.
+
+        The process is identified by its pid and by its working directory, which is the
+        attempt's own, so a pid reused by another process is never hit.
+        """
+        if job.where is None or job.where[1] != self._host:
+            return
+        pid = job.where[0]
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") != str(job.directory):
+                return
+        except OSError:
+            return  # gone already, or not a system with /proc
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # it leads its group once its guard runs
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
     def _cancel(self, job_id: int) -> None:
         self._to_cancel.add(job_id)
 
     def _forget(self, job: _Job) -> None:
         self._jobs.pop(job.attempt.id, None)
-        if job.job_id is None:
+        if job.job_id is None or job.job_id in self._gone:
+            # no job of its own, or one already gone: nothing uses the directory any more
+            # (a packed attempt's process is killed by its guard when the directory goes)
+            self._gone.discard(job.job_id or -1)
             shutil.rmtree(job.directory, ignore_errors=True)
         else:
             self._finished[job.job_id] = job.directory
@@ -404,14 +528,19 @@ class HPCBackend(Backend):
                 logger.warning("scancel %s failed (%s); trying again", cancelling, exc)
             else:
                 self._to_cancel.difference_update(cancelling)
-        watched = [job for job in self._jobs.values() if job.job_id is not None]
-        if not watched and not self._finished:
+        pack = self.options.pack
+        watched = [
+            job for job in self._jobs.values() if (job.ticket if pack else job.job_id) is not None
+        ]
+        if not watched and not self._finished and not self._pilots:
             return
         # the queue first, the files after: a job gone from the queue had written its result
         queued: dict[int, str] | None
         self.polls += 1
+        # only jobs submitted before the look can be missing from it
+        known = set(self._submitted)
         try:
-            queued = await context.run_blocking(self.cluster.queued, [*self._submitted], timeout=bound)
+            queued = await context.run_blocking(self.cluster.queued, known, timeout=bound)
         except (SchedulerCommandError, BackendError) as exc:
             queued = None
             now = time.monotonic()
@@ -424,29 +553,55 @@ class HPCBackend(Backend):
                     "squeue answers again after %.0f s", time.monotonic() - self._unreachable_since
                 )
             self._unreachable_since = None
-            self._submitted.intersection_update(queued)
-            cleanup = [
-                self._finished.pop(job_id) for job_id in list(self._finished) if job_id not in queued
-            ]
+            gone = known - queued.keys()
+            self._submitted -= gone
+            self._gone |= gone
+            cleanup = [self._finished.pop(job_id) for job_id in gone if job_id in self._finished]
             if cleanup:
                 await context.run_blocking(_remove_directories, cleanup, timeout=bound)
-        scans = await context.run_blocking(_scan_all, watched, queued, timeout=bound)
+            if pack:
+                await self._pilots_gone([p for p in self._pilots if p in gone], bound)
+        scans = await context.run_blocking(_scan_all, watched, self._gone, timeout=bound)
         go: list[Path] = []
         ended: list[_Job] = []
         for job, scan in zip(watched, scans, strict=True):
             for frame in scan.log:
                 _emit(frame, job)
             if scan.started is not None and not job.began and not job.aborted:
-                if job.attempt.started(f"Slurm job {job.job_id} ({scan.started})"):
+                pid, host, holder = ([*scan.started.split(), "?", "?", "?"])[:3]
+                if pack and holder.isdigit():
+                    job.pilot = int(holder)
+                if pid.isdigit():
+                    job.where = (int(pid), host)
+                where = f"pilot job {holder}" if pack else f"Slurm job {holder}"
+                if job.attempt.started(f"{where} (pid {pid} on {host})"):
                     job.began = True
                     go.append(job.directory / files.GO)
+                elif pack:  # withdrawn while its pilot readied it: no go comes, abort ends it
+                    files.touch(job.directory / files.ABORT)
                 else:  # withdrawn while the job started: it must not run
                     job.aborted = True
                     assert job.job_id is not None
                     self._cancel(job.job_id)
+            holder_id = job.pilot if pack else job.job_id
             if scan.result is not None and not job.aborted:
                 self._report(job, scan.result, scan.output)
-            elif queued is not None and job.job_id not in queued:
+            elif scan.exit is not None:
+                self._forget(job)
+                if job.aborted:
+                    job.attempt.failed(TaskCancelled("its process in a pilot job was stopped"))
+                else:
+                    where = f"pilot job {job.pilot}"
+                    said = f"\n--- its output (last lines) ---\n{scan.output}" if scan.output else ""
+                    job.attempt.failed(
+                        WorkerLost(
+                            f"the process running {job.attempt.task!r} in {where} {scan.exit}{said}"
+                        ),
+                        where,
+                    )
+            elif pack and job.aborted and not job.began:
+                continue  # given back by abort(); its process ends at the abort file
+            elif holder_id is not None and holder_id in self._gone:
                 if job.aborted:
                     self._forget(job)
                     if job.began:
@@ -460,10 +615,122 @@ class HPCBackend(Backend):
             await context.run_blocking(_write_go, go, timeout=bound)
         if ended:
             await self._report_endings(ended, bound)
+        if pack and queued is not None:
+            await self._start_pilots(bound)
+
+    # ------------------------------------------------------------------ pilots (packed)
+
+    async def _pilots_gone(self, gone: list[int], bound: float) -> None:
+        """Give back what pilots that ended had claimed but not started (their tickets)."""
+        if not gone:
+            return
+        assert self._context is not None
+        assert self._run_directory is not None
+        claimed_dirs = [self._run_directory / f"{files.CLAIMED}{job_id}" for job_id in gone]
+        claimed = await self._context.run_blocking(_listed, claimed_dirs, timeout=bound)
+        for job_id in gone:
+            del self._pilots[job_id]
+        by_name = {job.directory.name: job for job in self._jobs.values()}
+        for name in claimed:
+            job = by_name.get(name)
+            if job is not None and job.pilot is None and not job.began:
+                self._forget(job)
+                job.attempt.give_back()  # claimed by a pilot that ended before it readied it
+
+    async def _start_pilots(self, bound: float) -> None:
+        """Submit pilots where the live packed tasks of a shape need more than are queued."""
+        assert self._context is not None
+        demand: dict[str, list[_Job]] = collections.defaultdict(list)
+        for job in self._jobs.values():
+            if job.ticket is not None and not job.aborted:
+                demand[job.shape].append(job)
+        if not demand:
+            return
+        assert self._run_directory is not None
+        listed = await self._context.run_blocking(_listed, [self._run_directory], timeout=bound)
+        draining = {
+            int(name.removeprefix(files.DRAINING))
+            for name in listed
+            if name.startswith(files.DRAINING) and name.removeprefix(files.DRAINING).isdigit()
+        }
+        for shape, jobs in demand.items():
+            slots = self._pilot_slots(jobs[0].attempt.task)
+            wanted = -(-len(jobs) // slots)
+            have = sum(
+                1
+                for job_id, served in self._pilots.items()
+                if served == shape and job_id not in draining
+            )
+            for _ in range(wanted - have):
+                try:
+                    job_id = await self._context.run_blocking(
+                        self._submit_pilot, shape, jobs[0].attempt.task, slots, timeout=bound
+                    )
+                except (SubmitFailed, BackendError, OSError) as exc:
+                    failed = self._pilot_refused(exc, jobs)
+                    if failed:
+                        return
+                    logger.warning("a pilot could not be submitted (%s); trying again", exc)
+                    return
+                self._pilots[job_id] = shape
+                self._submitted.add(job_id)
+
+    def _pilot_refused(self, exc: BaseException, jobs: list[_Job]) -> bool:
+        """Fail the tasks of a shape whose pilot sbatch refuses for good; True if it did."""
+        if not isinstance(exc, SubmitFailed) or exc.transient:
+            return False
+        for job in jobs:
+            refused = BackendError(
+                f"sbatch refused the pilot job for {job.attempt.task!r}: {exc.message}"
+            )
+            refused.retryable = False
+            if job.ticket is not None:
+                job.ticket.unlink(missing_ok=True)
+            self._forget(job)
+            job.attempt.failed(refused)
+        return True
+
+    def _pilot_slots(self, task: Task) -> int:
+        """How many tasks of ``task``'s shape one pilot runs at once."""
+        assert self._context is not None
+        cores, _, _ = self._request(task)
+        size = self.options.pilot_cores or self._context.workers
+        limits = self._limits
+        if limits is not None and limits.cores_max is not None:
+            size = min(size, limits.cores_max)
+        return max(1, size // cores)
+
+    def _submit_pilot(self, shape: str, task: Task, slots: int) -> int:
+        """Submit one pilot job for tasks of ``shape`` (thread)."""
+        options = self.options
+        run_directory = self._run_directory
+        assert run_directory is not None
+        self._pilot_count += 1
+        directory = files.make_private_directory(run_directory / f"pilot-{self._pilot_count}")
+        cores, memory, _ = self._request(task)
+        gpus = max(options.gpus, task.resources.gpus)
+        python = shlex.quote(options.python)
+        queue = shlex.quote(str(run_directory / shape))
+        spec = JobSpec(
+            name=f"{options.job_name}-pilot",
+            directory=directory,
+            command=(
+                f"exec {python} -m taskplex_hpc.pilot {queue} {slots} "
+                f"{options.pilot_walltime:g} {options.pilot_idle:g}"
+            ),
+            cores=cores * slots,
+            memory_mb=None if memory is None else memory * slots,
+            walltime=options.pilot_walltime,
+            gpus=gpus * slots,
+        )
+        job_id = self.cluster.submit(spec, self._template_extras(directory))
+        self._finished[job_id] = directory  # removed once the pilot has left the queue
+        return job_id
 
     async def _report_endings(self, ended: list[_Job], bound: float) -> None:
         assert self._context is not None
-        ids = [job.job_id for job in ended if job.job_id is not None]
+        holders = {job: job.pilot if self.options.pack else job.job_id for job in ended}
+        ids = sorted({holder for holder in holders.values() if holder is not None})
         try:
             endings: dict[int, JobEnd] = await self._context.run_blocking(
                 self.cluster.endings, ids, timeout=2 * bound
@@ -474,27 +741,28 @@ class HPCBackend(Backend):
         grace = self.options.result_grace
         now = time.monotonic()
         for job in ended:
-            assert job.job_id is not None
+            holder = holders[job]
+            assert holder is not None
             assert job.gone_since is not None
-            end = endings.get(job.job_id)
+            end = endings.get(holder)
             waited = now - job.gone_since
             # a result on a shared filesystem may show up late; a clean exit is given time
             clean = end is None or (end.state == "COMPLETED" and end.exit_code == 0)
             if clean and waited < grace:
                 continue
             output = files.tail(job.directory / files.OUTPUT)
-            error = no_record(job.job_id, output) if end is None else error_for(end, output)
+            error = no_record(holder, output) if end is None else error_for(end, output)
             if end is not None and end.state == "COMPLETED":
                 error = ResultUnreadable(
                     f"{error} within {grace:g} s (the result_grace option) in {job.directory}"
                 )
             self._forget(job)
-            job.attempt.failed(error, f"Slurm job {job.job_id}")
+            job.attempt.failed(error, f"Slurm job {holder}")
 
     def _report(self, job: _Job, data: bytes | BaseException, output: str) -> None:
         self._forget(job)
         attempt = job.attempt
-        worker = f"Slurm job {job.job_id}"
+        worker = f"pilot job {job.pilot}" if self.options.pack else f"Slurm job {job.job_id}"
         if isinstance(data, BaseException):
             attempt.failed(ResultUnreadable(f"the result of {worker} cannot be read: {data}"), worker)
             return
@@ -523,7 +791,7 @@ class HPCBackend(Backend):
             attempt.failed(ResultUnreadable(f"{worker} wrote {value!r} as its exception"), worker)
 
 
-def _scan_all(jobs: list[_Job], queued: dict[int, str] | None) -> list[_Scan]:
+def _scan_all(jobs: list[_Job], gone: set[int]) -> list[_Scan]:
     """Look into each job's directory (thread): readiness, result, new log records."""
     scans = []
     for job in jobs:
@@ -542,11 +810,23 @@ def _scan_all(jobs: list[_Job], queued: dict[int, str] | None) -> list[_Scan]:
             else:
                 if not scan.result:
                     scan.result = EOFError(f"{result} is empty")
-        if scan.result is not None or (queued is not None and job.job_id not in queued):
+        elif job.ticket is not None:
+            with contextlib.suppress(OSError, files.UntrustedFile):
+                scan.exit = files.read_trusted(directory / files.EXIT).decode(errors="replace")
+        holder = job.pilot if job.ticket is not None else job.job_id
+        if scan.result is not None or scan.exit is not None or holder in gone:
             scan.log += job.log.read()
             scan.output = files.tail(directory / files.OUTPUT)
         scans.append(scan)
     return scans
+
+
+def _listed(directories: list[Path]) -> list[str]:
+    names: list[str] = []
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            names.extend(os.listdir(directory))
+    return names
 
 
 def _write_go(paths: list[Path]) -> None:
@@ -584,6 +864,12 @@ class HPCServer(TaskServer):
     reachable from the compute nodes), ``job_name`` (prefix of job names), ``command_timeout``
     (seconds any scheduler command may take) and ``result_grace`` (seconds a result may take to
     appear on the shared filesystem after its job left the queue).
+
+    Packing: with ``pack=True`` tasks do not get a job each; the server starts pilot jobs of
+    ``pilot_cores`` CPUs (default ``workers``) and ``pilot_walltime`` that take tasks from the
+    shared ``workdir`` and run them side by side, each in a process of its own; a pilot starts no
+    task that cannot finish in its remaining time, and exits after ``pilot_idle`` seconds
+    without work. Tasks with different cores, memory or gpus get pilots sized for them.
     """
 
     backend_class = HPCBackend
@@ -610,6 +896,10 @@ class HPCServer(TaskServer):
         job_name: str = "taskplex",
         command_timeout: float = 30.0,
         result_grace: float = 30.0,
+        pack: bool = False,
+        pilot_cores: int | None = None,
+        pilot_walltime: float | str = 3600.0,
+        pilot_idle: float = 30.0,
     ) -> None:
         options = Options.check(
             workdir=workdir,
@@ -629,5 +919,9 @@ class HPCServer(TaskServer):
             job_name=job_name,
             command_timeout=command_timeout,
             result_grace=result_grace,
+            pack=pack,
+            pilot_cores=pilot_cores,
+            pilot_walltime=pilot_walltime,
+            pilot_idle=pilot_idle,
         )
         super().__init__(HPCBackend(options), workers=workers, queue_size=queue_size)

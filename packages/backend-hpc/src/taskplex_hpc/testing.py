@@ -18,7 +18,7 @@ from typing import Any
 from taskplex.conformance.provider import Leftovers, LocalLeftovers, TestProvider
 from taskplex.errors import BackendUnavailable
 
-__all__ = ["SlurmLeftovers", "SlurmProvider", "slurm_problem"]
+__all__ = ["PackedSlurmProvider", "SlurmLeftovers", "SlurmProvider", "slurm_problem"]
 
 COMMAND_TIMEOUT = 10.0
 
@@ -79,6 +79,13 @@ class SlurmProvider(TestProvider):
 
     def snapshot(self) -> Leftovers:
         return SlurmLeftovers(self.job_name, list(self._workdirs))
+
+
+class PackedSlurmProvider(SlurmProvider):
+    """The same, with tasks packed into pilot jobs (``pack=True``)."""
+
+    def options(self, workdir: Path) -> dict[str, Any]:
+        return {**super().options(workdir), "pack": True, "pilot_walltime": 600, "pilot_idle": 5.0}
 
 
 class SlurmLeftovers(Leftovers):
