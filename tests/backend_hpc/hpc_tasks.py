@@ -93,3 +93,11 @@ def environment(name: str) -> str | None:
 
 def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
+
+
+def hold_with_pid(directory: str, name: str) -> str:
+    """Write this process's pid to ``<name>.pid``, then hold like :func:`hold`."""
+    path = Path(directory) / f"{name}.pid"
+    path.with_suffix(".tmp").write_text(str(os.getpid()))
+    path.with_suffix(".tmp").rename(path)
+    return hold(directory, name)

@@ -109,3 +109,31 @@ def test_one_squeue_per_poll_whatever_the_number_of_jobs(
     for i in range(6):
         (shared / f"t{i}.release").touch()
     assert [future.result(BOUND) for future in futures] == [f"t{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["job", "pilot"])
+def test_the_guard_stops_work_on_another_host_without_scancel(
+    make_executor: MakeExecutor,
+    shared: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pack: bool,
+) -> None:
+    # scancel does nothing, and the server believes the job runs elsewhere: only the job's
+    # guard, watching for the abort file, can stop the work
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scancel").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "scancel").chmod(0o755)
+    executor = make_executor(pack=pack, job_name="tpguard")
+    monkeypatch.setattr(executor.server.backend, "_host", "a-compute-node-elsewhere")
+    future = executor.submit(hpc_tasks.hold_with_pid, str(shared), "guarded")
+    wait_until((shared / "guarded.pid").exists, "the task to start")
+    wait_until(future.running, "the task to be running")
+    pid = int((shared / "guarded.pid").read_text())
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    assert future.task.cancel() is True
+    wait_until(lambda: not alive(pid), "the guard to kill the task's process")
+    wait_until(future.done, "the task to be reported over")
+    assert future.task.status is TaskStatus.CANCELLED
+    monkeypatch.setenv("PATH", os.environ["PATH"].split(":", 1)[1])

@@ -1,0 +1,103 @@
+"""Packing (``pack=True``): many tasks per pilot job, pilots sized per task shape, draining before
+the pilot's walltime, cancelling one task of a pilot, stopping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import hpc_tasks
+import pytest
+from hpc_support import BOUND, MakeExecutor, queued_job_ids, wait_until
+
+import taskplex
+from taskplex import Task, TaskStatus
+
+
+def pilot_of(task: Task) -> str:
+    worker = str(task.worker)
+    assert worker.startswith("pilot job "), worker
+    return worker.split()[2]
+
+
+def test_many_tasks_share_a_pilot(make_executor: MakeExecutor) -> None:
+    executor = make_executor(pack=True, workers=4, pilot_idle=5.0)
+    futures = [executor.submit(abs, -i) for i in range(40)]
+    assert [future.result(BOUND) for future in futures] == list(range(40))
+    calls = executor.server.backend.scheduler_calls
+    assert calls.get("sbatch", 0) < 10, f"{calls['sbatch']} sbatch calls for 40 packed tasks"
+    assert len({pilot_of(future.task) for future in futures}) < 10
+
+
+def test_tasks_of_other_shapes_get_pilots_sized_for_them(make_executor: MakeExecutor) -> None:
+    executor = make_executor(pack=True, workers=4, pilot_cores=2, pilot_idle=5.0)
+    small = [
+        executor.submit_task(Task(hpc_tasks.slurm_job_id, resources={"memory": 100})) for _ in range(2)
+    ]
+    large = [
+        executor.submit_task(Task(hpc_tasks.slurm_job_id, resources={"memory": 300})) for _ in range(2)
+    ]
+    for future in small + large:
+        future.result(BOUND)
+    small_pilots = {pilot_of(future.task) for future in small}
+    large_pilots = {pilot_of(future.task) for future in large}
+    assert small_pilots.isdisjoint(large_pilots), "tasks of different memory shared a pilot"
+
+
+def test_a_task_longer_than_a_pilot_is_refused_at_submit(make_executor: MakeExecutor) -> None:
+    executor = make_executor(pack=True, pilot_walltime=120)
+    with pytest.raises(taskplex.ResourceUnavailable, match="pilot_walltime"):
+        executor.submit_task(Task(abs, (1,), timeout=500))
+
+
+def test_a_pilot_starts_no_task_it_cannot_finish(make_executor: MakeExecutor, shared: Path) -> None:
+    executor = make_executor(pack=True, workers=2, pilot_cores=2, pilot_walltime=70, pilot_idle=30.0)
+    first = executor.submit(hpc_tasks.hold, str(shared), "first")
+    wait_until((shared / "first.started").exists, "the first task to start")
+    time.sleep(6)  # the pilot now has less than 55 s before it must drain
+    late = executor.submit_task(Task(hpc_tasks.slurm_job_id, timeout=55))
+    late.result(BOUND)
+    assert pilot_of(late.task) != pilot_of(first.task), "a task was started without time to finish"
+    (shared / "first.release").touch()
+    assert first.result(BOUND) == "first"
+
+
+def test_cancelling_one_task_of_a_pilot_stops_only_it(make_executor: MakeExecutor, shared: Path) -> None:
+    executor = make_executor(pack=True, workers=2, pilot_cores=2)
+    victim = executor.submit(hpc_tasks.hold, str(shared), "victim")
+    other = executor.submit(hpc_tasks.hold, str(shared), "other")
+    wait_until((shared / "victim.started").exists, "the victim to start")
+    wait_until((shared / "other.started").exists, "the other task to start")
+    wait_until(lambda: victim.running() and other.running(), "both tasks to be running")
+    assert pilot_of(victim.task) == pilot_of(other.task)
+    assert victim.cancel() is False  # Future.cancel leaves running work alone
+    assert victim.task.cancel() is True
+    (shared / "victim.release").touch()
+    time.sleep(1)
+    assert not (shared / "victim.done").exists()
+    (shared / "other.release").touch()
+    assert other.result(BOUND) == "other"
+    assert victim.task.status is TaskStatus.CANCELLED
+
+
+def test_stop_cancels_pilots_and_removes_their_files(slurm: None, workdir: Path, shared: Path) -> None:
+    server = taskplex.create_server(
+        "hpc", workdir=workdir, interval=0.1, job_name="tppack", workers=4, pack=True
+    )
+    tasks = [Task(hpc_tasks.hold, (str(shared), f"t{i}")) for i in range(8)]
+
+    async def scenario() -> None:
+        async with asyncio.TaskGroup() as group:
+            await server.start(group)
+            for task in tasks:
+                await server.submit(task)
+            await asyncio.to_thread(wait_until, (shared / "t0.started").exists, "a task to start")
+            await asyncio.wait_for(server.stop(), BOUND)
+
+    asyncio.run(scenario())
+    assert all(task.status is TaskStatus.CANCELLED for task in tasks)
+    assert queued_job_ids("tppack") == []
+    assert list(workdir.iterdir()) == []
+    assert os.listdir(shared).count("t0.done") == 0
