@@ -14,7 +14,7 @@ import zmq_tasks
 from conftest import BOUND, FAST, Cluster, gone, python_path, wait_until
 
 import taskplex
-from taskplex import Task
+from taskplex import Task, TaskCancelled, TaskTimeout
 
 
 def test_a_silent_worker_host_is_declared_dead_and_its_late_result_dropped(
@@ -144,3 +144,23 @@ def test_a_broker_killed_mid_run_loses_no_task(cluster: Cluster, tmp_path: Path)
         assert [future.result(timeout=BOUND) for future in queued] == list(range(200))
         assert all(isinstance(future.result(timeout=BOUND), int) for future in held)
         assert executor.submit(zmq_tasks.noop, "after").result(timeout=BOUND) == "after"
+
+
+def test_cancel_and_timeout_stop_the_work_on_the_worker_host(cluster: Cluster, tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    cluster.start_worker(processes=2)
+    with taskplex.Executor("zmq", address=cluster.address, workers=2, **FAST) as executor:
+        cancelled = Task(zmq_tasks.hold, (directory, "cancelled"))
+        timed_out = Task(zmq_tasks.hold, (directory, "timed_out"), timeout=1.0)
+        futures = [executor.submit_task(cancelled), executor.submit_task(timed_out)]
+        wait_until(
+            lambda: zmq_tasks.runs(directory, "cancelled") and zmq_tasks.runs(directory, "timed_out"),
+            "both tasks to start",
+        )
+        assert cancelled.cancel()
+        pids = zmq_tasks.runs(directory, "cancelled") + zmq_tasks.runs(directory, "timed_out")
+        wait_until(lambda: gone(pids), "the processes of the cancelled and timed-out tasks to end")
+        assert isinstance(futures[1].exception(timeout=BOUND), TaskTimeout)
+        assert isinstance(cancelled.exception, TaskCancelled)
+        assert not any(zmq_tasks.done(directory, name) for name in ("cancelled", "timed_out"))
+        assert executor.submit(zmq_tasks.noop, "next").result(timeout=BOUND) == "next"

@@ -141,7 +141,7 @@ def hostile_messages(rng: random.Random, call: tuple[bytes, bytes]) -> list[list
         lambda: [*worker_hello[:3], p.pack_u32(0), b"w"],
         lambda: [*worker_hello[:3], p.pack_u32(1 << 31), b"w"],
         lambda: [p.C_SUBMIT, rng.randbytes(rng.choice([1, 7, 9, 15])), *call],
-        lambda: [p.W_RESULTS, p.pack_ids([rng.randrange(1 << 40)]), b"\x00", b"x"],
+        lambda: [p.W_RESULTS, p.pack_ids([rng.randrange(1 << 40)]), b"\x00", *p.pack_parts([b"x"])],
         lambda: [p.C_PING],
     ]
     return [rng.choice(shapes)() for _ in range(4000)]
@@ -151,8 +151,10 @@ def registered_hostile_messages(rng: random.Random, call: tuple[bytes, bytes]) -
     """Messages that break the protocol from a client that said HELLO, ending with replays."""
     shapes = [
         lambda: [p.C_SUBMIT, rng.randbytes(rng.choice([1, 7, 9])), *call],
-        lambda: [p.C_SUBMIT, p.pack_ids([1, 2, 3]), *call],
-        lambda: [p.C_SUBMIT, p.pack_ids([4]), *call, b"extra"],
+        lambda: [p.C_SUBMIT, p.pack_ids([1, 2, 3]), *p.pack_parts(list(call))],
+        lambda: [p.C_SUBMIT, p.pack_ids([4]), *p.pack_parts(list(call)), b"extra"],
+        lambda: [p.C_SUBMIT, p.pack_ids([5]), p.pack_ids([1, 10**9]), b"".join(call)],
+        lambda: [p.C_SUBMIT, p.pack_ids([6]), *p.pack_parts(list(call))[:1], b"truncated"],
         lambda: [p.C_ABORT],
         lambda: [p.C_ABORT, rng.randbytes(5)],
         lambda: [p.C_LEVELS, rng.randbytes(12)],
@@ -161,7 +163,7 @@ def registered_hostile_messages(rng: random.Random, call: tuple[bytes, bytes]) -
         lambda: [b"\x00" * rng.randrange(1, 4)],
     ]
     messages = [rng.choice(shapes)() for _ in range(4000)]
-    first = [p.C_SUBMIT, p.pack_ids([10**6]), *call]
+    first = [p.C_SUBMIT, p.pack_ids([10**6]), *p.pack_parts(list(call))]
     return [first, *([first] * 1000), *messages]
 
 
@@ -171,7 +173,13 @@ def registered_worker_messages(rng: random.Random) -> list[list[bytes]]:
         lambda: [p.W_STARTED, rng.randbytes(3), b""],
         lambda: [p.W_RESULTS, p.pack_ids([1, 2]), b"\x00"],
         lambda: [p.W_RESULTS, p.pack_ids([7]), b"\x09", b"x"],
-        lambda: [p.W_RESULTS, p.pack_ids([rng.randrange(1, 1 << 60)]), b"\x00", b"late"],
+        lambda: [
+            p.W_RESULTS,
+            p.pack_ids([rng.randrange(1, 1 << 60)]),
+            b"\x00",
+            *p.pack_parts([b"late"]),
+        ],
+        lambda: [p.W_RESULTS, p.pack_ids([3]), b"\x00", p.pack_ids([99]), b"short"],
         lambda: [p.W_LOGS, p.pack_ids([1, 2]), b"record"],
         lambda: [p.C_SUBMIT, p.pack_ids([1]), b"f", b"a"],
     ]

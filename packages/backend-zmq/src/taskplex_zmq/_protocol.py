@@ -6,13 +6,15 @@ batch of a thousand tasks is a handful of frames and one system call. Control da
 id or an opaque payload (names, logger levels) is JSON. The broker never unpickles anything: it
 routes payload frames it does not look into, so a hostile frame can at worst be dropped.
 
-Client -> broker: HELLO (version, order mark, session limit, levels JSON), SUBMIT (ids, then two
-payload frames per task: function, arguments), ABORT (ids), LEVELS (JSON), PING, BYE.
+Payloads of a batch travel as two frames (:func:`pack_parts`): their lengths, and their bytes.
+
+Client -> broker: HELLO (version, order mark, session limit, levels JSON), SUBMIT (ids, then the
+parts function, arguments of each task), ABORT (ids), LEVELS (JSON), PING, BYE.
 Worker -> broker: HELLO (version, order mark, capacity, name), STARTED (keys, pids), RESULTS (keys,
-one flag byte per key, one payload frame per key), LOGS (keys, one record frame per key), PING.
+one flag byte per key, the payload parts), LOGS (keys, one record frame per key), PING.
 Broker -> client: WELCOME (incarnation), STARTED (ids, worker name, pids), RESULTS (ids, flags,
-payloads), LOGS (records), PING (incarnation), UNKNOWN (say HELLO again).
-Broker -> worker: WELCOME (incarnation, levels JSON), TASKS (keys, two payload frames per key),
+payload parts), LOGS (records), PING (incarnation), UNKNOWN (say HELLO again).
+Broker -> worker: WELCOME (incarnation, levels JSON), TASKS (keys, function and arguments parts),
 CANCEL (keys), LEVELS (JSON), PING (incarnation), UNKNOWN.
 """
 
@@ -88,6 +90,27 @@ def unpack_ids(frame: bytes | memoryview) -> list[int]:
 
 
 _U32 = 4
+
+
+def pack_parts(parts: list[bytes]) -> list[bytes]:
+    """Byte strings as two frames: their lengths (packed ids) and their concatenation.
+
+    A batch costs two frames whatever its size: ZeroMQ's cost is per frame."""
+    return [pack_ids([len(part) for part in parts]), b"".join(parts)]
+
+
+def unpack_parts(lengths: bytes, blob: bytes, count: int) -> list[bytes]:
+    """The ``count`` byte strings of :func:`pack_parts`; Malformed if the frames disagree."""
+    sizes = unpack_ids(lengths)
+    if len(sizes) != count or sum(sizes) != len(blob):
+        raise Malformed(f"{len(sizes)} parts of {sum(sizes)} bytes for {count} parts of {len(blob)}")
+    parts = []
+    view = memoryview(blob)
+    start = 0
+    for size in sizes:
+        parts.append(bytes(view[start : start + size]))
+        start += size
+    return parts
 
 
 def pack_u32(value: int) -> bytes:

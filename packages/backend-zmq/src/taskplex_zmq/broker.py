@@ -269,16 +269,16 @@ class Broker:
             self._results.setdefault(client, []).extend(unsent)
 
     def _submit(self, client: _Client, frames: list[bytes]) -> None:
+        p.expect(frames, 4, "SUBMIT")
         ids = p.unpack_ids(frames[1])
-        if len(frames) != 2 + 2 * len(ids):
-            raise p.Malformed(f"a SUBMIT of {len(ids)} ids in {len(frames)} frames")
+        parts = p.unpack_parts(frames[2], frames[3], 2 * len(ids))
         jobs, attempts, queue = self.jobs, client.attempts, client.queue
         key = self._next_key
         for index, attempt in enumerate(ids):
             if attempt in attempts:
                 self.dropped["replayed"] += 1
                 continue
-            jobs[key] = _Job(client, attempt, frames[2 + 2 * index], frames[3 + 2 * index])
+            jobs[key] = _Job(client, attempt, parts[2 * index], parts[2 * index + 1])
             attempts[attempt] = key
             queue.append(key)
             key += 1
@@ -364,12 +364,12 @@ class Broker:
             task_pids.append(pid)
 
     def _worker_results(self, worker: _Worker, frames: list[bytes]) -> None:
-        if len(frames) < len((p.W_RESULTS, "keys", "flags")):
-            raise p.Malformed(f"RESULTS of {len(frames)} frames")
+        p.expect(frames, 5, "RESULTS")
         keys = p.unpack_ids(frames[1])
         flags = frames[2]
-        if len(flags) != len(keys) or len(frames) != 3 + len(keys):
-            raise p.Malformed(f"RESULTS of {len(keys)} keys, {len(flags)} flags, {len(frames)} frames")
+        if len(flags) != len(keys):
+            raise p.Malformed(f"RESULTS of {len(keys)} keys and {len(flags)} flags")
+        payloads = p.unpack_parts(frames[3], frames[4], len(keys))
         if not set(flags) <= p.FLAGS:
             raise p.Malformed("RESULTS with an unknown flag")
         for index, key in enumerate(keys):
@@ -382,7 +382,7 @@ class Broker:
             if flag == p.UNSTARTED and not job.aborted:
                 self._requeue(key, job)  # the worker host gave it back (it is stopping)
             else:
-                self._finish(key, job, flag, frames[3 + index])
+                self._finish(key, job, flag, payloads[index])
             self._make_ready(job.client)
 
     def _worker_logs(self, worker: _Worker, frames: list[bytes]) -> None:
@@ -437,7 +437,7 @@ class Broker:
             if free <= 0 or not ready:
                 continue
             keys: list[int] = []
-            frames: list[bytes] = [p.TASKS, b""]
+            parts: list[bytes] = []
             while free > 0 and ready:
                 client = ready.popleft()
                 share = min(free, FAIR_SHARE)
@@ -453,14 +453,14 @@ class Broker:
                     worker.held.add(key)
                     client.in_flight += 1
                     keys.append(key)
-                    frames.append(job.function)
-                    frames.append(job.arguments)
+                    parts.append(job.function)
+                    parts.append(job.arguments)
                     share -= 1
                     free -= 1
                 client.ready = False
                 self._make_ready(client)
             if keys:
-                frames[1] = p.pack_ids(keys)
+                frames = [p.TASKS, p.pack_ids(keys), *p.pack_parts(parts)]
                 if not self._send(worker.identity, frames):
                     self._lost(worker, "stopped reading")
 
@@ -479,7 +479,7 @@ class Broker:
                 p.RESULTS,
                 p.pack_ids([r[0] for r in results]),
                 bytes(r[1] for r in results),
-                *(r[2] for r in results),
+                *p.pack_parts([r[2] for r in results]),
             ]
             if not self._send(client.identity, frames):
                 client.unsent.extend(results)  # it is away: kept for its return

@@ -300,18 +300,15 @@ class ZmqBackend(Backend):
                 self._send([p.C_LEVELS, p.pack_json(levels)])
             outbox, self._outbox = self._outbox, []
             attempts = self._attempts
-            ids = []
-            frames: list[bytes] = [p.C_SUBMIT, b""]
+            wanted = []
             for attempt in outbox:
                 if not attempt.wanted:
                     attempt.give_back()
                     continue
                 attempts[attempt.id] = attempt
-                ids.append(attempt.id)
-                frames.extend(attempt.payload)
-            if ids:
-                frames[1] = p.pack_ids(ids)
-                self._send(frames)
+                wanted.append(attempt)
+            if wanted:
+                self._send(_submit_message(wanted))
         if self._aborts:
             aborts, self._aborts = self._aborts, []
             self._send([p.C_ABORT, p.pack_ids(aborts)])
@@ -324,10 +321,7 @@ class ZmqBackend(Backend):
             return
         attempts = list(self._attempts.values())
         logger.warning("back in touch with the broker: checking %d unreported task(s)", len(attempts))
-        frames: list[bytes] = [p.C_SUBMIT, p.pack_ids([attempt.id for attempt in attempts])]
-        for attempt in attempts:
-            frames.extend(attempt.payload)
-        self._send(frames)
+        self._send(_submit_message(attempts))
 
     def _resubmit(self) -> None:
         """A new broker: everything not yet reported goes to it again (see the module docstring)."""
@@ -401,6 +395,7 @@ class ZmqBackend(Backend):
     def _results(self, frames: list[bytes]) -> None:
         ids = p.unpack_ids(frames[1])
         flags = frames[2]
+        payloads = p.unpack_parts(frames[3], frames[4], len(ids))
         attempts = self._attempts
         pids = self._pids
         now = time.time()
@@ -415,7 +410,7 @@ class ZmqBackend(Backend):
                 took = now - started_at
                 seconds = took if seconds is None else seconds + _SMOOTHING * (took - seconds)
             flag = flags[index]
-            payload = frames[3 + index]
+            payload = payloads[index]
             if flag == p.UNSTARTED:
                 attempt.give_back()
             elif flag == p.LOST:
@@ -530,6 +525,13 @@ def _end(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _submit_message(attempts: list[Attempt]) -> list[bytes]:
+    parts: list[bytes] = []
+    for attempt in attempts:
+        parts.extend(attempt.payload)
+    return [p.C_SUBMIT, p.pack_ids([attempt.id for attempt in attempts]), *p.pack_parts(parts)]
 
 
 def _kill_group(pid: int) -> None:

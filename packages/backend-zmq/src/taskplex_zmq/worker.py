@@ -49,10 +49,6 @@ logger = logging.getLogger("taskplex.zmq.worker")
 
 REHELLO = 10
 """Silences (``heartbeat * liveness``) without a WELCOME after which a HELLO is sent again."""
-STARTED_DELAY = 0.001
-"""Seconds a task's start is held back before it is reported alone: a short task's result
-follows within them and reports both in one message."""
-
 _TASK_PROCESS = re.compile(r"pid (\d+)")
 """How the mp backend names the process that runs a task (``Task.worker``)."""
 
@@ -189,15 +185,13 @@ class WorkerHost:
             raise p.Malformed(f"kind {kind[:8]!r}")
 
     def _take(self, frames: list[bytes]) -> None:
+        p.expect(frames, 4, "TASKS")
         keys = p.unpack_ids(frames[1])
-        if len(frames) != 2 + 2 * len(keys):
-            raise p.Malformed(f"TASKS of {len(keys)} keys in {len(frames)} frames")
+        parts = p.unpack_parts(frames[2], frames[3], 2 * len(keys))
         server, results = self.server, self._results
         batch = []
         for index, key in enumerate(keys):
-            task = Task(
-                run_call, (key, frames[2 + 2 * index], frames[3 + 2 * index]), results_queue=results
-            )
+            task = Task(run_call, (key, parts[2 * index], parts[2 * index + 1]), results_queue=results)
             server.accept(task)
             self._tasks[key] = task
             self._keys[task.id] = key
@@ -247,7 +241,7 @@ class WorkerHost:
         if key is not None:
             found = _TASK_PROCESS.fullmatch(task.worker or "")
             self._started[key] = int(found.group(1)) if found else 0
-            self._schedule_flush(STARTED_DELAY)
+            self._schedule_flush()
 
     def _collect_log(self, key: int, record: bytes) -> None:
         self._logs.append((key, record))
@@ -263,14 +257,10 @@ class WorkerHost:
         else:
             loop.call_soon_threadsafe(self._schedule_flush)
 
-    def _schedule_flush(self, delay: float = 0.0) -> None:
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop = asyncio.get_running_loop()
-            if delay:
-                loop.call_later(delay, self._flush)
-            else:
-                loop.call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -307,14 +297,16 @@ class WorkerHost:
             key = self._keys.pop(task.id, None)
             if key is None or self._tasks.pop(key, None) is None:
                 continue  # of a broker that no longer counts on it
-            self._started.pop(key, None)  # the result says it started: no news of its own
+            self._started.pop(key, None)  # not reported yet: the result says it started
             flag, payload = self._outcome(task)
             keys.append(key)
             flags.append(flag)
             payloads.append(payload)
         if keys:
             self._flush()  # STARTED before the results
-            self.socket.send_multipart([p.W_RESULTS, p.pack_ids(keys), bytes(flags), *payloads])
+            self.socket.send_multipart(
+                [p.W_RESULTS, p.pack_ids(keys), bytes(flags), *p.pack_parts(payloads)]
+            )
 
     def _outcome(self, task: Task) -> tuple[int, bytes]:
         if task.status is TaskStatus.SUCCEEDED:
