@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import zmq
@@ -81,6 +82,17 @@ RESTARTS = 5
 """Local worker hosts started in a row that die at once, after which the server gives up."""
 
 
+EMBEDDED_CAPABILITIES = Capabilities(
+    cancel_running=True,
+    timeout_kills_work=True,
+    survives_worker_death=True,
+    remote=True,
+    worker_processes=True,
+    forwards_logs=True,
+)
+DETACHED_CAPABILITIES = replace(EMBEDDED_CAPABILITIES, worker_processes=False)
+
+
 def _check_number(name: str, value: object, minimum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
         raise InvalidOption(f"{name} must be a number >= {minimum}, got {value!r}")
@@ -95,6 +107,9 @@ class ZmqBackend(Backend):
     :mod:`taskplex_zmq.security`), ``heartbeat`` (seconds between pings) and ``liveness`` (pings
     missed before a peer counts as gone).
     """
+
+    capabilities = EMBEDDED_CAPABILITIES
+    """Detached, task processes are not this process's children: no ``worker_processes``."""
 
     def __init__(
         self,
@@ -121,6 +136,8 @@ class ZmqBackend(Backend):
             except (FileNotFoundError, OSError) as exc:
                 raise InvalidOption(f"keys: {exc}") from None
         self.address = address
+        if address is not None:  # task processes are not this process's children
+            self.capabilities = DETACHED_CAPABILITIES
         self.heartbeat = _check_number("heartbeat", heartbeat, 0.01)
         if isinstance(liveness, bool) or not isinstance(liveness, int) or liveness < MIN_LIVENESS:
             raise InvalidOption(f"liveness must be an int >= 2, got {liveness!r}")
@@ -141,17 +158,6 @@ class ZmqBackend(Backend):
         self._levels: LevelWatch | None = None
         self._seconds: float | None = None  # smoothed duration of a task
         self._prefetch = 0
-
-    @property
-    def capabilities(self) -> Capabilities:  # type: ignore[override]
-        return Capabilities(
-            cancel_running=True,
-            timeout_kills_work=True,
-            survives_worker_death=True,
-            remote=True,
-            worker_processes=self.address is None,
-            forwards_logs=True,
-        )
 
     # ================================================================== start and stop
 
