@@ -111,6 +111,18 @@ class Processes:
         )  # fmt: skip
         return port
 
+    def start_everything(self, hosts: Hosts, directory: str, tasks: int) -> subprocess.Popen[bytes]:
+        """Keys, a broker, a worker host, and a client running ``tasks`` held tasks t0, t1, ..."""
+        keys = str(generate_keys(self.directory / "keys"))
+        port = self.start_cluster(hosts, keys)
+        address = f"tcp://{hosts.client_side}:{port}"
+        script = CLIENT.format(
+            path=sys.path, address=address, keys=keys, directory=directory, tasks=tasks
+        )
+        return self.run_in(
+            hosts.client_ns, "client", "-c", textwrap.dedent(script), stdout=subprocess.PIPE
+        )
+
     def stop(self) -> None:
         for process in self.started:
             kill_tree(process.pid)
@@ -145,14 +157,8 @@ with taskplex.Executor("zmq", **options) as executor:
 def test_a_worker_host_cut_off_mid_task_costs_one_retry(
     hosts: Hosts, processes: Processes, tmp_path: Path
 ) -> None:
-    keys = str(generate_keys(tmp_path / "keys"))
     directory = str(tmp_path)
-    port = processes.start_cluster(hosts, keys)
-    address = f"tcp://{hosts.client_side}:{port}"
-    script = CLIENT.format(path=sys.path, address=address, keys=keys, directory=directory, tasks=1)
-    client = processes.run_in(
-        hosts.client_ns, "client", "-c", textwrap.dedent(script), stdout=subprocess.PIPE
-    )
+    client = processes.start_everything(hosts, directory, tasks=1)
     wait_until(lambda: zmq_tasks.runs(directory, "t0"), "the task to start on the worker host")
     first = zmq_tasks.runs(directory, "t0")[0]
 
@@ -171,14 +177,8 @@ def test_a_worker_host_cut_off_mid_task_costs_one_retry(
 def test_a_client_cut_off_and_back_within_the_grace_period_collects_its_results(
     hosts: Hosts, processes: Processes, tmp_path: Path
 ) -> None:
-    keys = str(generate_keys(tmp_path / "keys"))
     directory = str(tmp_path)
-    port = processes.start_cluster(hosts, keys)
-    address = f"tcp://{hosts.client_side}:{port}"
-    script = CLIENT.format(path=sys.path, address=address, keys=keys, directory=directory, tasks=2)
-    client = processes.run_in(
-        hosts.client_ns, "client", "-c", textwrap.dedent(script), stdout=subprocess.PIPE
-    )
+    client = processes.start_everything(hosts, directory, tasks=2)
     wait_until(lambda: all(zmq_tasks.runs(directory, f"t{i}") for i in range(2)), "both tasks to start")
     pids = [zmq_tasks.runs(directory, f"t{i}")[0] for i in range(2)]
 
