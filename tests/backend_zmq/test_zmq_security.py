@@ -240,3 +240,18 @@ def test_hostile_frames_are_counted_and_dropped_and_the_broker_keeps_serving(tmp
         assert sum(drops.values()) >= 10_000, drops
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"keys": "keys"}, "keys are for a detached broker"),
+        ({"address": "tcp://127.0.0.1:5555", "keys": "/nonexistent"}, "holds no broker.key"),
+        ({"address": "127.0.0.1:5555"}, "ZeroMQ endpoint"),
+        ({"heartbeat": 0}, "heartbeat"),
+        ({"liveness": 1}, "liveness"),
+    ],
+)
+def test_options_are_checked_at_construction(options: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidOption, match=message):
+        taskplex.create_server("zmq", **options)

@@ -130,6 +130,11 @@ class ZmqBackend(Backend):
             except InsecureAddress as exc:
                 raise InvalidOption(str(exc)) from None
         self._keys = None
+        if keys is not None and address is None:
+            raise InvalidOption(
+                "keys are for a detached broker (address='tcp://...'); the embedded one listens on "
+                "loopback only and needs none"
+            )
         if keys is not None:
             try:
                 self._keys = KeyDirectory(keys)
