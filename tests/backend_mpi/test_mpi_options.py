@@ -39,10 +39,12 @@ def test_capabilities_say_what_mpi_allows() -> None:
     assert prefetching.remote
     assert prefetching.forwards_logs
     assert prefetching.resources == frozenset({"cores"})
-    # MPI cannot interrupt a rank, and a dead rank ends the job
+    # MPI cannot interrupt a rank
     assert not prefetching.cancel_running
     assert not prefetching.timeout_kills_work
-    assert not prefetching.survives_worker_death
+    # a dead rank ends its job: the spawn host's is replaced, a world cannot be
+    assert MPIServer(workers=1, mode="spawn").capabilities.survives_worker_death
+    assert not MPIServer(workers=1, mode="world").capabilities.survives_worker_death
 
 
 def test_the_task_communicator_is_only_there_inside_a_task() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import run_program, succeeded
+from conftest import alive, run_program, succeeded, wait_until
 
 
 def test_tasks_run_on_spawned_ranks_and_keep_their_tracebacks(tmp_path: Path) -> None:
@@ -143,3 +143,43 @@ def test_a_rank_of_a_plain_mpiexec_job_is_told_to_use_the_launcher(tmp_path: Pat
         launcher=False,
     )
     assert "python -m taskplex_mpi" in succeeded(finished)["error"]
+
+
+def test_a_dead_rank_costs_its_task_but_not_the_caller(tmp_path: Path) -> None:
+    reported = succeeded(
+        run_program(
+            """
+            import signal
+            with taskplex.Executor("mpi", workers=2, mode="spawn") as executor:
+                doomed = executor.submit(mpi_tasks.touch_then_wait, "started", "never")
+                os.kill(int(mpi_tasks.wait_for_file("started")), signal.SIGKILL)
+                error = doomed.exception(60)
+                after = list(executor.map(mpi_tasks.double, range(10)))
+            report(error=[type(error).__name__, str(error)], after=after)
+            """,
+            tmp_path,
+        )
+    )
+    kind, message = reported["error"]
+    assert kind == "WorkerLost"
+    assert "a rank died" in message
+    assert reported["after"] == [2 * x for x in range(10)]
+
+
+def test_ranks_end_with_a_caller_killed_by_sigkill(tmp_path: Path) -> None:
+    finished = run_program(
+        """
+        import signal
+        executor = taskplex.Executor("mpi", workers=2, mode="spawn")
+        pids = {executor.submit(mpi_tasks.where).result(60)[0] for _ in range(10)}
+        executor.submit(mpi_tasks.touch_then_wait, "started", "never")
+        mpi_tasks.wait_for_file("started")
+        report(pids=sorted(pids))
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        tmp_path,
+    )
+    assert finished.returncode == -9
+    pids = finished.reported["pids"]
+    assert pids
+    wait_until(lambda: not any(alive(pid) for pid in pids), f"ranks {pids} to end")

@@ -29,6 +29,7 @@ __all__ = [
     "LOG",
     "ORDERS",
     "RUN",
+    "SPAWN_REPLY_TAG",
     "STARTED",
     "STOP",
     "STOPPED",
@@ -36,6 +37,8 @@ __all__ = [
 
 ORDERS = 1
 """The tag of the server's messages to its worker ranks."""
+SPAWN_REPLY_TAG = 2
+"""The tag of worker replies in spawn mode (each job of spawned ranks has one server)."""
 
 CONFIGURE, LEVELS, RUN, STOP = 0, 1, 2, 3
 EXIT = "exit"

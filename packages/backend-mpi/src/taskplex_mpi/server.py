@@ -32,33 +32,32 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from taskplex import (
-    BackendError,
     BackendUnavailable,
     Capabilities,
     InvalidOption,
     ResultUnreadable,
     Task,
     TaskServer,
+    WorkerLost,
 )
 from taskplex.backend import Attempt, Backend, BackendContext
 from taskplex.errors import ExceptionPayload, restore_exception
 from taskplex.remote_logging import LevelWatch, emit_record, unpack_record
 from taskplex.serialization import dumps_call, loads
-from taskplex_mpi import spawning, world
+from taskplex_mpi import world
+from taskplex_mpi._hostlink import HostLink, describe_exit
 from taskplex_mpi._link import RankLink, Received
-from taskplex_mpi._protocol import CONFIGURE, DONE, LEVELS, LOG, RUN, STARTED
-
-if TYPE_CHECKING:
-    from mpi4py import MPI
+from taskplex_mpi._protocol import CONFIGURE, DONE, LEVELS, LOG, RUN, SPAWN_REPLY_TAG, STARTED
 
 __all__ = ["MODES", "MPIBackend", "MPIServer"]
 
@@ -75,8 +74,8 @@ LONG_TASK = 5e-3
 """Seconds: when tasks take this long on average, none is sent ahead to a busy rank."""
 AHEAD_WINDOW = 4e-3
 """Seconds of short tasks to send ahead: longer than a round trip between rank and server."""
-REPLY_TAG = 2
-"""The tag of worker replies in spawn mode (every server has an intercommunicator of its own)."""
+JOB_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+"""Where mpiexec tells a process how many ranks its job has (MPICH, Open MPI)."""
 
 
 @dataclass
@@ -124,8 +123,7 @@ class MPIBackend(Backend):
         self.python = os.fspath(python) if python is not None else sys.executable
         self.spawn_timeout = float(spawn_timeout)
         self._context: BackendContext | None = None
-        self._link: RankLink | None = None
-        self._comm: MPI.Comm | None = None
+        self._link: RankLink | HostLink | None = None
         self._world_ranks: list[int] = []
         self._load: dict[int, int] = {}
         self._waiting: collections.deque[Attempt] = collections.deque()
@@ -142,6 +140,9 @@ class MPIBackend(Backend):
             forwards_logs=True,
             resources=frozenset({"cores"}),
             withdraws_launched=self.prefetch == 0,
+            # a dead rank ends its MPI job: in spawn mode that is the spawn host's, which is
+            # replaced; under mpiexec it is the caller's own
+            survives_worker_death=self.resolved_mode() == "spawn",
         )
 
     def resolved_mode(self) -> str:
@@ -153,30 +154,18 @@ class MPIBackend(Backend):
     # ------------------------------------------------------------------ bringing ranks up and down
 
     async def start(self, context: BackendContext) -> None:
-        mode = self.resolved_mode()
-        if mode == "world":
-            ranks, reply_tag, comm = self._claim_world_ranks(context.workers)
-        else:
-            comm = await self._spawn(context)
-            ranks, reply_tag = list(range(context.workers)), REPLY_TAG
         self._context = context
-        self._comm = comm
-        self._load = dict.fromkeys(ranks, 0)
-        if self.prefetch:
-            context.set_prefetch(self.prefetch * context.workers)
+        self._load = {}
         self._mean_seconds = LONG_TASK
         self._levels = LevelWatch()
-        configure = [(CONFIGURE, sys.path, self._levels.levels, reply_tag)]
-        loop = context.loop
+        if self.prefetch:
+            context.set_prefetch(self.prefetch * context.workers)
+        if self.resolved_mode() == "world":
+            self._start_world(context)
+        else:
+            self._link = await self._start_host(context.workers)
 
-        def deliver(received: Received) -> None:
-            loop.call_soon_threadsafe(self._on_events, received)
-
-        self._link = RankLink(comm, ranks, reply_tag, deliver, name=f"taskplex-mpi-{mode}")
-        for rank in ranks:
-            self._link.send(rank, configure)
-
-    def _claim_world_ranks(self, workers: int) -> tuple[list[int], int, MPI.Comm]:
+    def _start_world(self, context: BackendContext) -> None:
         if not world.active():
             raise BackendUnavailable(
                 "mode='world' needs the program to run under mpiexec: "
@@ -185,42 +174,71 @@ class MPIBackend(Backend):
         from mpi4py import MPI
 
         try:
-            ranks, reply_tag = world.claim(workers)
+            ranks, reply_tag = world.claim(context.workers)
         except ValueError as exc:
             raise BackendUnavailable(str(exc)) from None
         self._world_ranks = ranks
-        return ranks, reply_tag, MPI.COMM_WORLD
+        loop = context.loop
 
-    async def _spawn(self, context: BackendContext) -> MPI.Comm:
-        from mpi4py import MPI
+        def deliver(received: Received) -> None:
+            loop.call_soon_threadsafe(self._on_events, received)
 
-        if MPI.COMM_WORLD.Get_size() > 1:
+        link = RankLink(MPI.COMM_WORLD, ranks, reply_tag, deliver, name="taskplex-mpi-world")
+        self._configure(link, reply_tag)
+        self._link = link
+
+    async def _start_host(self, count: int) -> HostLink:
+        job_size = max(int(os.environ.get(name, "1") or 1) for name in JOB_SIZE_VARIABLES)
+        if job_size > 1:
             raise BackendUnavailable(
-                f"this program is one of the {MPI.COMM_WORLD.Get_size()} ranks of an mpiexec job, "
-                "and every rank would spawn workers of its own: start it as "
+                f"this program is one of the {job_size} ranks of an mpiexec job, and every rank "
+                "would spawn workers of its own: start it as "
                 "mpiexec -n N python -m taskplex_mpi script.py to use the job's ranks as workers"
             )
-        launcher = await context.run_blocking(
-            spawning.find_launcher, self.mpiexec, timeout=2 * spawning.VERSION_TIMEOUT + 10
+        link = await HostLink.start(
+            python=self.python, mpiexec=self.mpiexec, count=count, timeout=self.spawn_timeout
         )
-        spawning.prepare_environment(launcher)
-        try:
-            return await context.run_blocking(
-                spawning.spawn_workers, self.python, context.workers, timeout=self.spawn_timeout
-            )
-        except BackendError:
-            raise BackendError(
-                f"spawning {context.workers} worker rank(s) with {launcher.path} "
-                f"({launcher.family} {launcher.version}) did not finish within "
-                f"{self.spawn_timeout} s; the MPI may not allow spawning here (a batch system "
-                "that forbids it, too few slots): run under mpiexec instead, "
-                "mpiexec -n N python -m taskplex_mpi script.py, or raise spawn_timeout"
-            ) from None
+        link.on_events = self._on_events
+        link.ended.add_done_callback(functools.partial(self._host_ended, link))
+        self._configure(link, SPAWN_REPLY_TAG)
+        return link
+
+    def _configure(self, link: RankLink | HostLink, reply_tag: int) -> None:
+        self._load = dict.fromkeys(link.ranks, 0)
+        configure = [(CONFIGURE, sys.path, self._levels.levels, reply_tag)]
+        for rank in link.ranks:
+            link.send(rank, configure)
+
+    def _host_ended(self, link: HostLink, ended: asyncio.Future[int | None]) -> None:
+        """The spawn host ended: if not told to, a rank died and MPI ended the job with it."""
+        if link.closing or self._link is not link:
+            return
+        how = f"the MPI job of the worker ranks ended (its spawn host {describe_exit(ended.result())})"
+        lost = WorkerLost(f"{how}: a rank died, and MPI ends every rank of a job then")
+        self._link = None
+        runs, self._runs = self._runs, {}
+        for run in runs.values():
+            if run.began:
+                run.attempt.failed(lost, _where(run.ranks))
+            else:
+                run.attempt.give_back()
+        logger.warning("%s; starting new ranks", how)
+        assert self._context is not None
+        self._context.spawn(self._replace_host(), name="taskplex-mpi-respawn")
+
+    async def _replace_host(self) -> None:
+        assert self._context is not None
+        self._link = await self._start_host(self._context.workers)
+        self._dispatch()
 
     async def stop(self) -> None:
         link, self._link = self._link, None
-        comm, self._comm = self._comm, None
-        if link is not None:
+        if isinstance(link, HostLink):
+            if not await link.close(STOP_TIMEOUT):
+                logger.error(
+                    "worker ranks still ran a task %s s after stop, and were killed", STOP_TIMEOUT
+                )
+        elif link is not None:
             link.close(STOP_TIMEOUT)
             await asyncio.to_thread(link.ended.wait, STOP_TIMEOUT + 5)
             if link.unstopped:
@@ -229,12 +247,7 @@ class MPIBackend(Backend):
                     "interrupt a rank",
                     link.unstopped,
                 )
-        if comm is not None and self.resolved_mode() == "spawn" and not (link and link.unstopped):
-            # collective with the ranks, which left their loop: a rank still in a task would hang it
-            await asyncio.to_thread(comm.Disconnect)
-        if self._world_ranks:
-            stopped = [rank for rank in self._world_ranks if link is None or rank not in link.unstopped]
-            world.release(stopped)
+            world.release([rank for rank in self._world_ranks if rank not in link.unstopped])
             self._world_ranks = []
         self._context = None
 
@@ -268,7 +281,8 @@ class MPIBackend(Backend):
         started when its rank says it began.
         """
         waiting, load, link = self._waiting, self._load, self._link
-        assert link is not None
+        if link is None:
+            return  # new ranks are on their way
         levels = self._levels.changed()
         if levels is not None:
             for rank in link.ranks:
@@ -301,7 +315,7 @@ class MPIBackend(Backend):
 
     def _on_events(self, received: Received) -> None:
         link = self._link
-        if link is not None and link.failure is not None:
+        if isinstance(link, RankLink) and link.failure is not None:
             assert self._context is not None
             self._context.fail(link.failure)
             return

@@ -9,12 +9,10 @@ a launched task cannot always be withdrawn); with ``TASKPLEX_MPI_PREFETCH=0`` in
 they send none ahead, and the suite holds them to withdrawing launched tasks as well.
 
 Workers run on this machine in both modes, so the suite's marker files live in its own temporary
-directory. What a server left behind is this process's own leftovers, except for the MPI process
-manager that the first spawn starts (``mpiexec`` of the singleton, MPICH's Hydra or Open MPI's
-PRRTE): MPI keeps it, and its connections, for the life of the process, whichever server spawned
-first. So the provider starts it before its first snapshot, and ranks that exited count as gone
-even while that process manager has not reaped them yet (Hydra reaps at its next event). Open MPI
-closes its connections to ranks that exited at its next MPI call, which the provider makes.
+directory, and what a server left behind is found among this process's children: in spawn mode
+the spawn host, MPI's process manager and the ranks all descend from it. A rank that exited may
+wait a moment for MPI's process manager to reap it (Hydra reaps at its next event): it counts
+as gone.
 """
 
 from __future__ import annotations
@@ -22,19 +20,22 @@ from __future__ import annotations
 import functools
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from taskplex.conformance.provider import Leftovers, LocalLeftovers, TestProvider
-from taskplex_mpi import spawning, world
+from taskplex.errors import BackendUnavailable
+from taskplex_mpi import world
 
 __all__ = ["MPILeftovers", "MPIProvider"]
 
 PREFETCH_VARIABLE = "TASKPLEX_MPI_PREFETCH"
 """The environment variable that sets the ``prefetch`` of the servers under test."""
-PROCESS_MANAGERS = ("mpiexec -pmi_args", "hydra_pmi_proxy", "prterun", "prted", "prte ")
-"""Command lines of the process managers an MPI keeps for a process that spawned."""
+CHECK_TIMEOUT = 60.0
+PROCESS_MANAGERS = ("hydra_pmi_proxy", "prted", "prte")
+"""Process names of the MPI process managers that parent spawned ranks."""
 
 
 class MPIProvider(TestProvider):
@@ -57,49 +58,36 @@ class MPIProvider(TestProvider):
             # "auto", not "world": a program the suite starts with plain python (to see what
             # happens at its exit) is not in the job, and spawns its own ranks instead
             return {**options, "mode": "auto"}
-        spawning.find_launcher()  # BackendUnavailable, saying why, when spawning cannot work
+        _check_spawning()
         return {**options, "mode": "spawn"}
 
     def snapshot(self) -> Leftovers:
-        if self.mode == "spawn":
-            _start_process_manager()
         return MPILeftovers()
 
 
 @functools.cache
-def _start_process_manager() -> None:
-    """Spawn one rank that leaves at once, so that MPI's process manager runs from now on."""
-    spawning.prepare_environment(spawning.find_launcher())
-    from mpi4py import MPI
-
-    child = MPI.COMM_SELF.Spawn(
-        sys.executable,
-        ["-c", "from mpi4py import MPI; MPI.Comm.Get_parent().Disconnect()"],
-        maxprocs=1,
+def _check_spawning() -> None:
+    """BackendUnavailable, saying why, when spawning cannot work here (checked in a process of its
+    own, as a spawn host would: MPI is never started in the suite's process)."""
+    check = subprocess.run(
+        [sys.executable, "-c", "from taskplex_mpi import spawning; spawning.find_launcher()"],
+        capture_output=True,
+        text=True,
+        timeout=CHECK_TIMEOUT,
+        check=False,
     )
-    child.Disconnect()
+    if check.returncode != 0:
+        raise BackendUnavailable(check.stderr.strip().splitlines()[-1] if check.stderr else "?")
 
 
 class MPILeftovers(Leftovers):
-    """This process's leftovers (children, threads, file descriptors), MPI's process manager aside."""
+    """This process's leftovers (children, threads, file descriptors); exited ranks aside."""
 
     def __init__(self) -> None:
         self._local = LocalLeftovers()
 
     def remaining(self) -> list[str]:
-        _progress()
-        return [
-            found
-            for found in self._local.remaining()
-            if not any(manager in found for manager in PROCESS_MANAGERS) and not _exited_rank(found)
-        ]
-
-
-def _progress() -> None:
-    """Let MPI make progress: Open MPI closes its connections to ranks that exited only then."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.COMM_WORLD.Iprobe()
+        return [found for found in self._local.remaining() if not _exited_rank(found)]
 
 
 def _exited_rank(found: str) -> bool:
@@ -111,6 +99,6 @@ def _exited_rank(found: str) -> bool:
         return False
     try:
         parent = psutil.Process(int(match.group(1))).parent()
-        return parent is not None and parent.name() in ("hydra_pmi_proxy", "prted", "prte")
+        return parent is not None and parent.name() in PROCESS_MANAGERS
     except psutil.Error:
         return True  # reaped meanwhile
