@@ -3,29 +3,37 @@
 Data flow, on the server's event loop except where marked::
 
     submit (caller's thread) ── prepare(): dumps_call pickles the call, or SerializationError
-    TaskServer ── launch([attempt]) ──► waiting (FIFO) ──► as soon as its k ranks are idle:
-                                         attempt.started() and RUN to each of the k ranks
-                                         │ RankLink thread: isend / iprobe / recv (MPI)
+    TaskServer ── launch([attempt]) ──► waiting (FIFO) ──► to ranks with room (_dispatch):
+                                         RUN to each of the task's ranks
+                                         │ spawn mode: socket ─► spawn host ─► MPI (HostLink)
+                                         │ world mode: RankLink thread ─► MPI
                                          ▼
-                             worker ranks: run the function; LOG records meanwhile; DONE
+                  worker ranks: STARTED; run the function; LOG records meanwhile; DONE
                                          │
-    attempt.succeeded / failed ◄── _on_events(): rank 0's result, or the first exception
+    attempt.started / succeeded / failed ◄── _on_events(): rank 0's result, or the first exception
 
-**Modes.** In spawn mode (a plain ``python``) the server spawns ``workers`` ranks at start with
-``MPI_Comm_spawn`` and they exit at stop. In world mode (the program runs under
+**Modes.** In spawn mode (a plain ``python``) the server starts a spawn host
+(:mod:`taskplex_mpi.host`), which spawns ``workers`` ranks with ``MPI_Comm_spawn`` and relays;
+they all exit at stop. In world mode (the program runs under
 ``mpiexec -n N python -m taskplex_mpi``) the server takes worker ranks of ``MPI_COMM_WORLD`` at
 start and gives them back at stop. ``mode="auto"`` picks world mode when there is a world to use.
 
-**Starting.** The server hands a task to ranks only when they are idle, so a rank starts the
-task as it receives it: that is when the task becomes RUNNING. A task waiting for ranks is in the
-server's own queue and can be withdrawn (cancel returns True, and it never runs).
+**Starting.** A task goes to a rank that is idle, or, while tasks are short, is sent ahead to a
+busy one (``prefetch``). A task handed to idle ranks starts as they receive it and is reported
+started then; one sent ahead is reported started when its rank says it began. Either way RUNNING
+means the function is being called. A task waiting in the backend for ranks can be withdrawn.
 
-**Stopping work.** MPI offers no way to interrupt a rank, and ending one ends the whole MPI job
-(with MPICH's spawn, the caller's process too). So cancelling or timing out a running task does
-not stop it: the task is delivered as cancelled or timed out at once, its ranks finish the call
-and its result is discarded; until then they hold their slots. A multi-rank task whose function
-raises on one rank fails at once with that exception; ranks still inside the function (blocked
-on a message from the failed rank, say) stay busy, and get no new work, until they return.
+**Stopping work.** MPI offers no way to interrupt a rank. So cancelling or timing out a running
+task does not stop it: the task is delivered as cancelled or timed out at once, its ranks finish
+the call and its result is discarded; until then they hold their slots. A multi-rank task whose
+function raises on one rank fails at once with that exception; ranks still inside the function
+(blocked on a message from the failed rank, say) stay busy, and get no new work, until they
+return (or, in spawn mode, until the server stops and ends them after a bound).
+
+**Dead ranks.** MPI ends every process of a job when one dies. In spawn mode that job is the
+spawn host's and its ranks', not the caller's: the server sees the host end, fails the attempts
+that had begun with WorkerLost (retried within their retries), gives back the others, and spawns
+new ranks. Under mpiexec the job is the caller's own, and it ends.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ ranks (``workers=k`` takes k of them), and gives them back when it shuts down. S
 by side as long as there are free ranks for each.
 
 When a rank dies, mpiexec ends the whole job, rank 0 included: the MPI standard leaves nothing
-else to rely on, and that is why this backend does not declare ``survives_worker_death``.
+else to rely on, and that is why world mode does not declare ``survives_worker_death``.
 """
 
 from __future__ import annotations
