@@ -29,10 +29,9 @@ import signal
 import socket as socket_module
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
-import zmq.asyncio
 
 import taskplex
 from taskplex import ResultsQueue, Task, TaskStatus, plugins
@@ -51,6 +50,10 @@ REHELLO = 10
 """Silences (``heartbeat * liveness``) without a WELCOME after which a HELLO is sent again."""
 _TASK_PROCESS = re.compile(r"pid (\d+)")
 """How the mp backend names the process that runs a task (``Task.worker``)."""
+
+
+def _readable(socket: zmq.Socket[bytes]) -> bool:
+    return bool(cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def default_name() -> str:
@@ -80,7 +83,7 @@ class WorkerHost:
 
     def __init__(
         self,
-        socket: zmq.asyncio.Socket,
+        socket: zmq.Socket[bytes],
         *,
         processes: int,
         prefetch: int | None = None,
@@ -106,7 +109,6 @@ class WorkerHost:
         self._hello_sent = 0.0
         self._heard = time.monotonic()
         self._levels: dict[str, int] | None = None
-        self._rejoining: asyncio.Future[None] | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -120,15 +122,13 @@ class WorkerHost:
         root.addHandler(handler)
         plugin_name = f"taskplex-zmq-worker-{id(self)}"
         plugins.register_plugin(self, plugin_name)
+        fd = self.socket.fileno()
         try:
             async with asyncio.TaskGroup() as group:
                 await self.server.start(group)
-                await self._hello()
-                loops = [
-                    group.create_task(self._receive()),
-                    group.create_task(self._deliver()),
-                    group.create_task(self._beat()),
-                ]
+                self._loop.add_reader(fd, self._readable)
+                self._hello()
+                loops = [group.create_task(self._deliver()), group.create_task(self._beat())]
                 await stop.wait()
                 self._stopping = True
                 await self.server.stop()
@@ -136,21 +136,29 @@ class WorkerHost:
                 for loop_task in loops:
                     loop_task.cancel()
         finally:
+            self._loop.remove_reader(fd)
             plugins.pm.unregister(name=plugin_name)
             root.removeHandler(handler)
 
-    async def _hello(self) -> None:
+    def _hello(self) -> None:
         self._joined = False
         self._incarnation = None
         self._hello_sent = time.monotonic()
-        await self.socket.send_multipart(
+        self._send(
             [p.W_HELLO, p.PROTOCOL_VERSION, p.ORDER_MARK, p.pack_u32(self.capacity), self.name.encode()]
         )
 
-    async def _receive(self) -> None:
+    def _send(self, frames: list[bytes]) -> None:
         socket = self.socket
-        while True:
-            frames = await socket.recv_multipart()
+        socket.send_multipart(frames)
+        if _readable(socket):  # the send may have eaten the edge of the socket's fd
+            asyncio.get_running_loop().call_soon(self._readable)
+
+    def _readable(self) -> None:
+        """Read every message waiting (the loop watches the socket's fd, which signals edges)."""
+        socket = self.socket
+        while _readable(socket):
+            frames = socket.recv_multipart(zmq.NOBLOCK)
             self._heard = time.monotonic()
             try:
                 self._handle(frames)
@@ -212,7 +220,7 @@ class WorkerHost:
         self._keys.clear()
         self._started.clear()
         self._logs.clear()
-        self._rejoining = asyncio.ensure_future(self._hello())
+        self._hello()
 
     async def _beat(self) -> None:
         ping = [p.W_PING]
@@ -224,12 +232,12 @@ class WorkerHost:
                 # a HELLO waits in the socket until a broker reads it; say it again only if a
                 # broker may have read it and died before it answered
                 if now - self._hello_sent > REHELLO * silence:
-                    await self._hello()
+                    self._hello()
                 continue
             if now - self._heard > silence:
                 self._broker_changed("the broker is silent")
                 continue
-            await self.socket.send_multipart(ping)
+            self._send(ping)
 
     # ================================================================== reporting
 
@@ -264,17 +272,12 @@ class WorkerHost:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        socket = self.socket
         if self._started:
             started, self._started = self._started, {}
-            socket.send_multipart(
-                [p.W_STARTED, p.pack_ids(list(started)), p.pack_ids(list(started.values()))]
-            )
+            self._send([p.W_STARTED, p.pack_ids(list(started)), p.pack_ids(list(started.values()))])
         if self._logs:
             logs, self._logs = self._logs, []
-            socket.send_multipart(
-                [p.W_LOGS, p.pack_ids([key for key, _ in logs]), *(record for _, record in logs)]
-            )
+            self._send([p.W_LOGS, p.pack_ids([key for key, _ in logs]), *(record for _, record in logs)])
 
     async def _deliver(self) -> None:
         while True:
@@ -304,9 +307,7 @@ class WorkerHost:
             payloads.append(payload)
         if keys:
             self._flush()  # STARTED before the results
-            self.socket.send_multipart(
-                [p.W_RESULTS, p.pack_ids(keys), bytes(flags), *p.pack_parts(payloads)]
-            )
+            self._send([p.W_RESULTS, p.pack_ids(keys), bytes(flags), *p.pack_parts(payloads)])
 
     def _outcome(self, task: Task) -> tuple[int, bytes]:
         if task.status is TaskStatus.SUCCEEDED:
@@ -355,9 +356,11 @@ async def _serve(
                 stop.set()
 
         loop.add_reader(watch_fd, parent_gone)
-    context = zmq.asyncio.Context()
+    context = zmq.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 1000)
+    socket.setsockopt(zmq.SNDHWM, 0)  # results wait here while the broker is away
+    socket.setsockopt(zmq.RCVHWM, 0)
     if configure is not None:
         configure(socket)
     socket.connect(address)
