@@ -236,7 +236,11 @@ class MPIBackend(Backend):
 
     async def _replace_host(self) -> None:
         assert self._context is not None
-        self._link = await self._start_host(self._context.workers)
+        link = await self._start_host(self._context.workers)
+        if self._context is None:  # the server stopped while the ranks started
+            await link.close(STOP_TIMEOUT)
+            return
+        self._link = link
         self._dispatch()
 
     async def stop(self) -> None:
