@@ -416,10 +416,10 @@ class ZmqBackend(Backend):
             if attempt is None:
                 continue  # a duplicate: that attempt was reported over already
             pids.pop(attempt_id, None)
+            # no start reported: the task ended before its worker host could report it alone
             started_at = attempt.task.started_at
-            if started_at is not None:
-                took = now - started_at
-                seconds = took if seconds is None else seconds + _SMOOTHING * (took - seconds)
+            took = 0.0 if started_at is None else now - started_at
+            seconds = took if seconds is None else seconds + _SMOOTHING * (took - seconds)
             flag = flags[index]
             payload = payloads[index]
             if flag == p.UNSTARTED:
@@ -451,7 +451,9 @@ class ZmqBackend(Backend):
         most = EMBEDDED_PREFETCH if self.address is None else DETACHED_PREFETCH
         workers = self._context.workers
         prefetch = (
-            0 if seconds >= PIPELINE_WINDOW else min(most, int(workers * PIPELINE_WINDOW / seconds))
+            0
+            if seconds >= PIPELINE_WINDOW
+            else min(most, int(workers * PIPELINE_WINDOW / max(seconds, 1e-6)))
         )
         if prefetch != self._prefetch:
             self._prefetch = prefetch
