@@ -32,12 +32,9 @@ again. Results from an attempt that is over are ignored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -58,18 +55,13 @@ from taskplex.errors import (
 from taskplex.remote_logging import LevelWatch, emit_record, unpack_record
 from taskplex.serialization import dumps_call, loads
 from taskplex_zmq import _protocol as p
+from taskplex_zmq._local import EMBEDDED_PREFETCH, START_TIMEOUT, LocalProcesses
 from taskplex_zmq.security import InsecureAddress, KeyDirectory, check_address
 
 __all__ = ["ZmqBackend", "ZmqServer"]
 
 logger = logging.getLogger("taskplex.zmq")
 
-START_TIMEOUT = 60.0
-"""Seconds the local broker and worker host may take to start, or a broker to answer."""
-STOP_GRACE = 5.0
-"""Seconds local processes get to exit after their pipe closed, before SIGKILL."""
-EMBEDDED_PREFETCH = 256
-"""Most tasks the embedded broker and worker host hold beyond those running."""
 DETACHED_PREFETCH = 64
 """Most tasks a client keeps queued at a shared broker beyond ``workers``."""
 PIPELINE_WINDOW = 0.02
@@ -150,7 +142,7 @@ class ZmqBackend(Backend):
         self._context: BackendContext | None = None
         self._zmq: zmq.Context[Any] | None = None
         self._socket: zmq.Socket[bytes] | None = None
-        self._local: _LocalProcesses | None = None
+        self._local: LocalProcesses | None = None
         self._attempts: dict[int, Attempt] = {}
         self._pids: dict[int, int] = {}  # embedded: the local process running a started attempt
         self._outbox: list[Attempt] = []
@@ -180,7 +172,7 @@ class ZmqBackend(Backend):
         try:
             if address is None:
                 self._local = await context.run_blocking(
-                    _LocalProcesses.start,
+                    LocalProcesses.start,
                     context.workers,
                     self.heartbeat,
                     self.liveness,
@@ -460,86 +452,6 @@ class ZmqBackend(Backend):
             self._context.set_prefetch(prefetch)
 
 
-class _LocalProcesses:
-    """The embedded mode's broker and worker host, child processes watching a pipe from us."""
-
-    def __init__(self, broker: subprocess.Popen[bytes], address: str, worker_command: list[str]) -> None:
-        self.broker = broker
-        self.address = address
-        self._worker_command = worker_command
-        self.worker = self._start_worker()
-        self._started_at = time.monotonic()
-
-    @classmethod
-    def start(cls, workers: int, heartbeat: float, liveness: int) -> _LocalProcesses:
-        timing = ["--heartbeat", repr(heartbeat), "--liveness", str(liveness), "--log-level", "ERROR"]
-        command = [sys.executable, "-m", "taskplex_zmq"]
-        broker = subprocess.Popen(
-            [
-                *command,
-                "broker",
-                "--bind",
-                "tcp://127.0.0.1:*",
-                "--watch-stdin",
-                "--print-address",
-                *timing,
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=_child_environment(),
-        )
-        assert broker.stdout is not None
-        line = broker.stdout.readline().decode().strip()
-        broker.stdout.close()
-        if not line.startswith("tcp://"):
-            _end(broker)
-            raise BackendError(f"the local broker did not start (status {broker.poll()}): {line!r}")
-        worker_command = [
-            *command,
-            "worker",
-            "--connect",
-            line,
-            "--processes",
-            str(workers),
-            "--prefetch",
-            str(EMBEDDED_PREFETCH),
-            "--watch-stdin",
-            *timing,
-        ]
-        try:
-            return cls(broker, line, worker_command)
-        except BaseException:
-            _end(broker)
-            raise
-
-    def _start_worker(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self._worker_command, stdin=subprocess.PIPE, env=_child_environment())
-
-    def young(self) -> bool:
-        return time.monotonic() - self._started_at < START_TIMEOUT
-
-    def restart_worker(self) -> None:
-        _end(self.worker)
-        self.worker = self._start_worker()
-        self._started_at = time.monotonic()
-
-    def stop(self) -> None:
-        _end(self.worker)
-        _end(self.broker)
-
-
-def _end(process: subprocess.Popen[bytes]) -> None:
-    """Close the pipe the process watches (it exits by itself); SIGKILL it if it does not."""
-    if process.stdin is not None and not process.stdin.closed:
-        with contextlib.suppress(OSError):
-            process.stdin.close()
-    try:
-        process.wait(STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def _submit_message(attempts: list[Attempt]) -> list[bytes]:
     parts: list[bytes] = []
     for attempt in attempts:
@@ -565,13 +477,6 @@ def _kill_group(pid: int) -> None:
 def _readable(socket: zmq.Socket[bytes]) -> bool:
     """Whether a message waits (the socket's fd only signals edges, and only for ZeroMQ)."""
     return bool(cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
-
-
-def _child_environment() -> dict[str, str]:
-    """This environment, with this process's import path, so that workers import what it can."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
-    return env
 
 
 class ZmqServer(TaskServer):
