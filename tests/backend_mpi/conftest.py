@@ -44,12 +44,17 @@ def report(**values):
 
 
 @functools.cache
-def mpiexec_options() -> list[str]:
-    """Open MPI runs no more ranks than cores unless asked to; MPICH needs no option."""
+def open_mpi() -> bool:
+    """Whether the MPI under test is Open MPI (else MPICH)."""
     answer = subprocess.run(
         [MPIEXEC, "--version"], capture_output=True, text=True, timeout=BOUND, check=False
     )
-    return ["--oversubscribe"] if "Open MPI" in answer.stdout else []
+    return "Open MPI" in answer.stdout
+
+
+def mpiexec_options() -> list[str]:
+    """Open MPI runs no more ranks than cores unless asked to; MPICH needs no option."""
+    return ["--oversubscribe"] if open_mpi() else []
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import alive, run_program, succeeded, wait_until
+import pytest
+from conftest import MPIEXEC, alive, open_mpi, run_program, succeeded, wait_until
 
 
 def test_tasks_run_on_spawned_ranks_and_keep_their_tracebacks(tmp_path: Path) -> None:
@@ -183,3 +184,27 @@ def test_ranks_end_with_a_caller_killed_by_sigkill(tmp_path: Path) -> None:
     pids = finished.reported["pids"]
     assert pids
     wait_until(lambda: not any(alive(pid) for pid in pids), f"ranks {pids} to end")
+
+
+def test_a_spawn_that_hangs_fails_within_spawn_timeout(tmp_path: Path) -> None:
+    if open_mpi():
+        pytest.skip("Open MPI spawns through the prte of its installation, not an mpiexec on PATH")
+    # the right MPI's version, but a process manager that never starts the ranks
+    fake = tmp_path / "bin" / "mpiexec"
+    fake.parent.mkdir()
+    fake.write_text(
+        f'#!/bin/sh\nif [ "$1" = --version ]; then exec {MPIEXEC} --version; fi\nexec sleep 600\n'
+    )
+    fake.chmod(0o755)
+    finished = run_program(
+        f"""
+        try:
+            taskplex.Executor("mpi", workers=1, mode="spawn", mpiexec={str(fake)!r}, spawn_timeout=5)
+        except taskplex.BackendError as exc:
+            report(error=str(exc))
+        """,
+        tmp_path,
+    )
+    error = succeeded(finished)["error"]
+    assert "did not finish within 5.0 s" in error
+    assert "spawn_timeout" in error
