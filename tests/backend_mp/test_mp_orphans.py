@@ -21,6 +21,10 @@ import os, signal, sys, time
 sys.path.insert(0, {tests!r})
 import mp_tasks, taskplex
 
+# Ctrl-C raises KeyboardInterrupt as on a terminal, also when the tests run in a background job
+# (a shell without job control starts those with SIGINT ignored, and Python keeps it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 if __name__ == "__main__":
     executor = taskplex.Executor("mp", workers=1, start_method=sys.argv[1])
     executor.submit(mp_tasks.start_sleeper, sys.argv[2])

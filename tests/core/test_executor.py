@@ -514,7 +514,11 @@ def test_interrupts_landing_anywhere_in_submit_and_map_lose_nothing(backend: str
 
 
 INTERRUPTED_SCRIPT = """
-import os, sys, time, taskplex
+import os, signal, sys, time, taskplex
+
+# Ctrl-C raises KeyboardInterrupt as on a terminal, also when the tests run in a background job
+# (a shell without job control starts those with SIGINT ignored, and Python keeps it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def hold(directory):
     open(os.path.join(directory, "started"), "w").close()
