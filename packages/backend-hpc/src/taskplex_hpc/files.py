@@ -30,6 +30,7 @@ from pathlib import Path
 
 __all__ = [
     "ABORT",
+    "ALIVE",
     "CALL",
     "CLAIMED",
     "DRAINING",
@@ -58,6 +59,9 @@ ABORT = "abort"
 RESULT = "result"
 LOG = "log"
 OUTPUT = "job.out"
+ALIVE = "alive"
+"""The server's heartbeat in its run directory, touched every poll: jobs waiting for their go
+give up when it goes stale (the server died), instead of holding their allocation."""
 EXIT = "exit"
 """Packed: written by a pilot when an attempt's process ended without a result (how it ended)."""
 QUEUE = "queue-"

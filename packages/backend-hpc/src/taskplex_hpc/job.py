@@ -75,7 +75,7 @@ def run_attempt(directory: Path) -> int:
     files.write_atomically(
         directory / files.STARTED, f"{os.getpid()} {socket.gethostname()} {job_id}".encode()
     )
-    if not _wait_for_go(directory, call["go_timeout"]):
+    if not _wait_for_go(directory, call["server_silence"]):
         return 0  # withdrawn, or the server is gone: the function never runs
     guard = _start_guard(directory)
     try:
@@ -172,14 +172,22 @@ def _flush_output() -> None:
             stream.flush()
 
 
-def _wait_for_go(directory: Path, timeout: float) -> bool:
+def _wait_for_go(directory: Path, silence: float) -> bool:
+    """Wait for the server's go; False if it aborts the attempt or has not been heard from (its
+    heartbeat, the run directory's ``alive`` file, is older than ``silence`` seconds)."""
     go, abort = directory / files.GO, directory / files.ABORT
-    deadline = time.monotonic() + timeout
+    alive = directory.parent / files.ALIVE
     while not go.exists():
         if abort.exists():
             return False
-        if time.monotonic() > deadline:
-            print(f"taskplex_hpc.job: no go from the server within {timeout:g} s", file=sys.stderr)
+        try:
+            quiet = time.time() - alive.stat().st_mtime
+        except OSError:
+            quiet = float("inf")  # the run directory is gone: the server stopped
+        if quiet > silence:
+            print(
+                f"taskplex_hpc.job: the server is silent for {quiet:.0f} s; not running", file=sys.stderr
+            )
             return False
         time.sleep(POLL)
     return True

@@ -79,6 +79,7 @@ class Options:
     job_name: str
     command_timeout: float
     result_grace: float
+    prefetch: int
     pack: bool
     pilot_cores: int | None
     pilot_walltime: float
@@ -105,6 +106,7 @@ class Options:
         job_name: str,
         command_timeout: float,
         result_grace: float,
+        prefetch: int,
         pack: bool,
         pilot_cores: int | None,
         pilot_walltime: float | str,
@@ -141,6 +143,8 @@ class Options:
         if memory is not None and not _int_at_least(memory, 1):
             raise InvalidOption(f"memory is in megabytes (an int > 0) or None, got {memory!r}")
         seconds = _walltime(walltime)
+        if not _int_at_least(prefetch, 0):
+            raise InvalidOption(f"prefetch must be an int >= 0 (job slots ahead), got {prefetch!r}")
         if not isinstance(pack, bool):
             raise InvalidOption(f"pack must be True or False, got {pack!r}")
         if pilot_cores is not None and not _int_at_least(pilot_cores, 1):
@@ -178,6 +182,7 @@ class Options:
             job_name=job_name,
             command_timeout=float(command_timeout),
             result_grace=float(result_grace),
+            prefetch=prefetch,
             pack=pack,
             pilot_cores=pilot_cores,
             pilot_walltime=pilot_seconds,

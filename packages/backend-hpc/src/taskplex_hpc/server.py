@@ -186,6 +186,11 @@ class HPCBackend(Backend):
         """How many times the server looked at the queue (one squeue call each)."""
 
     @property
+    def _silence(self) -> float:
+        """Seconds without a heartbeat after which a job waiting for its go gives up."""
+        return max(120.0, 20 * self.options.interval + 4 * self.options.command_timeout)
+
+    @property
     def scheduler_calls(self) -> dict[str, int]:
         """How many times each scheduler command ran so far (sbatch, squeue, scontrol, ...)."""
         return self.cluster.calls
@@ -207,7 +212,10 @@ class HPCBackend(Backend):
         self._run_directory = await context.run_blocking(
             files.make_private_directory, options.workdir / name, timeout=options.command_timeout
         )
+        files.touch(self._run_directory / files.ALIVE)
         self._context = context
+        if self.options.prefetch:
+            context.set_prefetch(self.options.prefetch)
         # the caller's modules (its script's directory, test directories) are found in jobs too
         self._sys_path = list(sys.path)
         self._submit_wake = asyncio.Event()
@@ -226,11 +234,15 @@ class HPCBackend(Backend):
             logger.error("jobs of this server may be left in the queue: %s", exc)
         if run_directory is not None:
             await context.run_blocking(shutil.rmtree, run_directory, True, timeout=STOP_BOUND)
+        # a server started again begins afresh: new run directory, no jobs, no pilots
         self._jobs.clear()
         self._to_submit.clear()
         self._submitted.clear()
+        self._gone.clear()
         self._finished.clear()
         self._to_cancel.clear()
+        self._pilots.clear()
+        self._run_directory = None
 
     def _cancel_everything(self, job_ids: list[int]) -> None:
         """Cancel these jobs and any other job running in this server's directory; wait until
@@ -410,7 +422,7 @@ class HPCBackend(Backend):
             "log_levels": job.log_levels,
             "function": function,
             "arguments": arguments,
-            "go_timeout": max(120.0, 60 * self.options.interval),
+            "server_silence": self._silence,
         }
         files.write_atomically(job.directory / files.CALL, pickle.dumps(call, pickle.HIGHEST_PROTOCOL))
 
@@ -422,6 +434,7 @@ class HPCBackend(Backend):
         except FileNotFoundError:  # a pilot claimed it: no go will come, and the abort stops it
             files.touch(job.directory / files.ABORT)
             if job.began:
+                self._kill_here(job)
                 return  # reported once its pilot says the process ended
         self._forget(job)
         job.attempt.give_back()
@@ -561,13 +574,23 @@ class HPCBackend(Backend):
                 await context.run_blocking(_remove_directories, cleanup, timeout=bound)
             if pack:
                 await self._pilots_gone([p for p in self._pilots if p in gone], bound)
-        scans = await context.run_blocking(_scan_all, watched, self._gone, timeout=bound)
+        assert self._run_directory is not None
+        scans = await context.run_blocking(
+            _scan_all, watched, self._gone, self._run_directory / files.ALIVE, timeout=bound
+        )
         go: list[Path] = []
         ended: list[_Job] = []
+        # launched ahead (prefetch), a ready job waits for its go until the work running
+        # leaves room for it: never more than `workers` slots' worth runs at once
+        busy = sum(job.attempt.slots for job in self._jobs.values() if job.began)
         for job, scan in zip(watched, scans, strict=True):
             for frame in scan.log:
                 _emit(frame, job)
-            if scan.started is not None and not job.began and not job.aborted:
+            ready = scan.started is not None and not job.began and not job.aborted
+            if ready and busy + job.attempt.slots > context.workers:
+                ready = False
+            if ready:
+                assert scan.started is not None
                 pid, host, holder = ([*scan.started.split(), "?", "?", "?"])[:3]
                 if pack and holder.isdigit():
                     job.pilot = int(holder)
@@ -576,6 +599,7 @@ class HPCBackend(Backend):
                 where = f"pilot job {holder}" if pack else f"Slurm job {holder}"
                 if job.attempt.started(f"{where} (pid {pid} on {host})"):
                     job.began = True
+                    busy += job.attempt.slots
                     go.append(job.directory / files.GO)
                 elif pack:  # withdrawn while its pilot readied it: no go comes, abort ends it
                     files.touch(job.directory / files.ABORT)
@@ -791,8 +815,11 @@ class HPCBackend(Backend):
             attempt.failed(ResultUnreadable(f"{worker} wrote {value!r} as its exception"), worker)
 
 
-def _scan_all(jobs: list[_Job], gone: set[int]) -> list[_Scan]:
-    """Look into each job's directory (thread): readiness, result, new log records."""
+def _scan_all(jobs: list[_Job], gone: set[int], alive: Path) -> list[_Scan]:
+    """Beat the heart, and look into each job's directory (thread): readiness, result, new log
+    records."""
+    with contextlib.suppress(OSError):
+        os.utime(alive)
     scans = []
     for job in jobs:
         scan = _Scan()
@@ -865,6 +892,10 @@ class HPCServer(TaskServer):
     (seconds any scheduler command may take) and ``result_grace`` (seconds a result may take to
     appear on the shared filesystem after its job left the queue).
 
+    ``prefetch`` (job slots submitted ahead of ``workers``): their jobs wait in the queue, and
+    once started wait for their go, so that the scheduler's latency overlaps the work running;
+    never more than ``workers`` slots' worth of tasks runs at once.
+
     Packing: with ``pack=True`` tasks do not get a job each; the server starts pilot jobs of
     ``pilot_cores`` CPUs (default ``workers``) and ``pilot_walltime`` that take tasks from the
     shared ``workdir`` and run them side by side, each in a process of its own; a pilot starts no
@@ -896,6 +927,7 @@ class HPCServer(TaskServer):
         job_name: str = "taskplex",
         command_timeout: float = 30.0,
         result_grace: float = 30.0,
+        prefetch: int = 0,
         pack: bool = False,
         pilot_cores: int | None = None,
         pilot_walltime: float | str = 3600.0,
@@ -919,6 +951,7 @@ class HPCServer(TaskServer):
             job_name=job_name,
             command_timeout=command_timeout,
             result_grace=result_grace,
+            prefetch=prefetch,
             pack=pack,
             pilot_cores=pilot_cores,
             pilot_walltime=pilot_walltime,

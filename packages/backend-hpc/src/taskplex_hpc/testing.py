@@ -85,7 +85,12 @@ class PackedSlurmProvider(SlurmProvider):
     """The same, with tasks packed into pilot jobs (``pack=True``)."""
 
     def options(self, workdir: Path) -> dict[str, Any]:
-        return {**super().options(workdir), "pack": True, "pilot_walltime": 600, "pilot_idle": 5.0}
+        return {
+            **super().options(workdir),
+            "pack": True,
+            "pilot_walltime": 600,
+            "pilot_idle": 5.0,
+        }
 
 
 class SlurmLeftovers(Leftovers):
