@@ -10,6 +10,7 @@ test_hpc_options.
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +75,19 @@ def test_a_job_over_its_memory_is_out_of_memory(make_executor: MakeExecutor, sha
     assert future.task.attempts == 1, "an out-of-memory job was retried with the same memory"
 
 
+def resume(node: str) -> None:
+    """Put ``node`` back into service if it is still down (Slurm may have done so already)."""
+    state = run(["sinfo", "--noheader", "-n", node, "-o", "%T"]).strip()
+    if state.startswith(("down", "drain")):
+        # refused ("Invalid node state") when the node returned by itself meanwhile
+        subprocess.run(
+            ["scontrol", "update", f"NodeName={node}", "State=RESUME"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+
+
 @pytest.fixture
 def node() -> Iterator[str]:
     """This machine's Slurm node, set back to service after the test."""
@@ -81,9 +95,7 @@ def node() -> Iterator[str]:
     try:
         yield name
     finally:
-        state = run(["sinfo", "--noheader", "-n", name, "-o", "%T"]).strip()
-        if state.startswith(("down", "drain")):
-            run(["scontrol", "update", f"NodeName={name}", "State=RESUME"])
+        resume(name)
         wait_until(
             lambda: (
                 run(["sinfo", "--noheader", "-n", name, "-o", "%T"]).strip().rstrip("*")
@@ -104,9 +116,7 @@ def test_a_node_failure_is_retried(make_executor: MakeExecutor, shared: Path, no
             lambda: "NODE_FAIL" in run(["scontrol", "show", "job", "-o", str(job_id)]),
             f"job {job_id} to end NODE_FAIL",
         )
-        state = run(["sinfo", "--noheader", "-n", node, "-o", "%T"]).strip()
-        if state.startswith(("down", "drain")):
-            run(["scontrol", "update", f"NodeName={node}", "State=RESUME"])
+        resume(node)
     assert future.result(BOUND) == 2, "the task was not run again after its node failed"
     assert future.task.attempts == 2
 

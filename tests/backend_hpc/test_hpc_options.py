@@ -123,3 +123,13 @@ def test_each_ending_has_its_error(
     assert state in str(error)
     assert "last words" in str(error)
     assert job_end(error) == end
+
+
+def test_the_provider_says_when_no_slurm_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskplex_hpc.testing import SlurmProvider
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo here
+    with pytest.raises(taskplex.BackendUnavailable, match="setup-slurm"):
+        SlurmProvider().options(tmp_path)

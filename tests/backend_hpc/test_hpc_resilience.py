@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import hpc_tasks
@@ -137,3 +138,37 @@ def test_the_guard_stops_work_on_another_host_without_scancel(
     wait_until(future.done, "the task to be reported over")
     assert future.task.status is TaskStatus.CANCELLED
     monkeypatch.setenv("PATH", os.environ["PATH"].split(":", 1)[1])
+
+
+def test_prefetched_jobs_wait_for_a_free_slot(make_executor: MakeExecutor, shared: Path) -> None:
+    executor = make_executor(workers=2, prefetch=2, job_name="tpahead")
+    futures = [executor.submit(hpc_tasks.hold, str(shared), f"t{i}") for i in range(4)]
+    wait_until(lambda: len(queued_job_ids("tpahead")) == 4, "jobs for the prefetched slots too")
+    wait_until(lambda: sum(future.running() for future in futures) == 2, "two tasks to run")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        started = [i for i in range(4) if (shared / f"t{i}.started").exists()]
+        assert len(started) <= 2, f"{started} ran at once with workers=2"
+        time.sleep(0.05)
+    for i in range(4):
+        (shared / f"t{i}.release").touch()
+    assert [future.result(BOUND) for future in futures] == [f"t{i}" for i in range(4)]
+
+
+def test_a_prefetched_task_cancelled_before_its_go_never_runs(
+    make_executor: MakeExecutor, shared: Path
+) -> None:
+    name = f"tpgate{os.getpid()}"  # no job of an earlier run can be counted
+    executor = make_executor(workers=1, prefetch=1, job_name=name)
+    futures = {task: executor.submit(hpc_tasks.hold, str(shared), task) for task in ("a", "b")}
+    # whichever job is ready first gets the slot; the other waits for its go
+    wait_until(lambda: any((shared / f"{task}.started").exists() for task in futures), "a task to start")
+    wait_until(lambda: len(queued_job_ids(name)) == 2, "the job launched ahead to be queued")
+    running = "a" if (shared / "a.started").exists() else "b"
+    ahead = "b" if running == "a" else "a"
+    assert futures[ahead].task.status is TaskStatus.QUEUED
+    assert futures[ahead].task.cancel() is True
+    (shared / f"{running}.release").touch()
+    assert futures[running].result(BOUND) == running
+    wait_until(lambda: queued_job_ids(name) == [], "every job to leave the queue")
+    assert not (shared / f"{ahead}.started").exists()
