@@ -21,21 +21,6 @@ def _pool() -> Iterator[None]:
         PROVIDER.close()
 
 
-ASYNCHRONOUS_STOP = (
-    "on a worker host elsewhere, the stop of a cancelled or timed-out task arrives as a message; "
-    "this scenario releases the task right after the outcome is delivered, which can beat it. "
-    "test_zmq_detached.py waits for the work to stop instead"
-)
-
-
 class TestDetachedZmq(BackendSuite):
     backend = "zmq"
     provider = PROVIDER
-
-    @pytest.mark.skip(reason=ASYNCHRONOUS_STOP)
-    def test_cancel_running_task_stops_its_work(self) -> None:  # type: ignore[override]
-        """See ASYNCHRONOUS_STOP."""
-
-    @pytest.mark.skip(reason=ASYNCHRONOUS_STOP)
-    def test_timeout_kills_the_work(self) -> None:  # type: ignore[override]
-        """See ASYNCHRONOUS_STOP."""

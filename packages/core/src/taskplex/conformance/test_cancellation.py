@@ -211,6 +211,9 @@ class CancellationTests(SuiteBase):
                 await markers.until("running")
                 assert running.cancel() is True
                 assert_delivered_once(await collect(results, 1), [running])
+                # a backend may learn that remote work stopped after the task was delivered; once
+                # it reports the attempt over, the work must be gone
+                await await_until(lambda: server.stats.running == 0, "the attempt to be over")
                 markers.release("running")
                 await markers.assert_never("running", stage="done")
                 # the worker is usable again

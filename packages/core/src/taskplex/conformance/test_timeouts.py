@@ -9,6 +9,7 @@ from taskplex.conformance._support import (
     Markers,
     assert_clean,
     assert_delivered_once,
+    await_until,
     collect,
     run,
     warm_up,
@@ -66,6 +67,9 @@ class TimeoutTests(SuiteBase):
                 )
                 await markers.until("slow")
                 await collect(results, 1)
+                # a backend may learn that remote work stopped after the task was delivered; once
+                # it reports the attempt over, the work must be gone
+                await await_until(lambda: server.stats.running == 0, "the attempt to be over")
                 markers.release("slow")
                 await markers.assert_never("slow", stage="done")
                 # the worker is usable again
@@ -96,6 +100,9 @@ class TimeoutTests(SuiteBase):
                 )
                 await markers.until("slow")
                 await collect(results, 1)
+                # a backend may learn that remote work stopped after the task was delivered; once
+                # it reports the attempt over, the work must be gone
+                await await_until(lambda: server.stats.running == 0, "the attempt to be over")
                 markers.release("slow")
                 if not capabilities.timeout_kills_work:
                     await markers.until("slow", "done")
