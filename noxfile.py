@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "conformance", "ropt", "lint", "typecheck"]
+nox.options.sessions = ["tests", "conformance", "openmpi", "ropt", "lint", "typecheck"]
 nox.options.error_on_missing_interpreters = True
 
 ROOT = Path(__file__).parent
