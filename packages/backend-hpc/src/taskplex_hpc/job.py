@@ -178,8 +178,8 @@ def _wait_for_go(directory: Path, silence: float) -> bool:
     go, abort = directory / files.GO, directory / files.ABORT
     alive = directory.parent / files.ALIVE
     while not go.exists():
-        if abort.exists():
-            return False
+        if abort.exists() or not directory.is_dir():
+            return False  # withdrawn: aborted, or its directory already removed
         try:
             quiet = time.time() - alive.stat().st_mtime
         except OSError:

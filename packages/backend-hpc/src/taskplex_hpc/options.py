@@ -147,6 +147,8 @@ class Options:
             raise InvalidOption(f"prefetch must be an int >= 0 (job slots ahead), got {prefetch!r}")
         if not isinstance(pack, bool):
             raise InvalidOption(f"pack must be True or False, got {pack!r}")
+        if pack and prefetch:
+            raise InvalidOption("prefetch applies to one job per task; pilots (pack=True) need none")
         if pilot_cores is not None and not _int_at_least(pilot_cores, 1):
             raise InvalidOption(f"pilot_cores must be an int >= 1 or None, got {pilot_cores!r}")
         pilot_seconds = _walltime(pilot_walltime)

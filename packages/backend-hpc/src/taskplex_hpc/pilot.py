@@ -6,9 +6,11 @@ drops a ticket for it into ``QUEUE`` (a directory of the run directory on the sh
 one per task shape, so that a pilot only takes tasks it was sized for). A ticket is named after
 the attempt's directory and holds the seconds the task may need (its timeout or walltime; 0 when
 unknown). The pilot claims a ticket by renaming it into a directory of its own — a rename
-succeeds for exactly one pilot, so no task runs twice — and runs the attempt in a forked child
-process, exactly as a job of its own would (:func:`taskplex_hpc.job.run_attempt`: ready, wait for
-the server's go, run, write the result; a guard kills the child's process group on abort).
+succeeds for exactly one pilot, so no task runs twice — and runs the attempt at once in a forked
+child process, as a job of its own would (:func:`taskplex_hpc.job.run_attempt`: say it is
+ready, wait for the server's go, run, write the result; a guard kills the child's process group
+on abort). The go is what makes a task the server cancelled meanwhile never run, and what starts
+its clock: the server sees the task running exactly when it runs.
 
 Supervision: at most SLOTS children at once; a child that ends without writing a result (killed,
 crashed) gets an ``exit`` file saying how it ended, which the server turns into WorkerLost.
@@ -143,7 +145,7 @@ class Pilot:
             if done == 0:
                 continue
             del self.children[pid]
-            if not (directory / files.RESULT).exists() and (directory / files.GO).exists():
+            if not (directory / files.RESULT).exists():
                 with contextlib.suppress(OSError):
                     files.write_atomically(directory / files.EXIT, _describe(status).encode())
 

@@ -587,7 +587,7 @@ class HPCBackend(Backend):
             for frame in scan.log:
                 _emit(frame, job)
             ready = scan.started is not None and not job.began and not job.aborted
-            if ready and busy + job.attempt.slots > context.workers:
+            if ready and not pack and busy + job.attempt.slots > context.workers:
                 ready = False
             if ready:
                 assert scan.started is not None
@@ -602,6 +602,7 @@ class HPCBackend(Backend):
                     busy += job.attempt.slots
                     go.append(job.directory / files.GO)
                 elif pack:  # withdrawn while its pilot readied it: no go comes, abort ends it
+                    job.aborted = True
                     files.touch(job.directory / files.ABORT)
                 else:  # withdrawn while the job started: it must not run
                     job.aborted = True
@@ -612,7 +613,9 @@ class HPCBackend(Backend):
                 self._report(job, scan.result, scan.output)
             elif scan.exit is not None:
                 self._forget(job)
-                if job.aborted:
+                if job.aborted and not job.began:
+                    job.attempt.give_back()  # it never ran: no go was written
+                elif job.aborted:
                     job.attempt.failed(TaskCancelled("its process in a pilot job was stopped"))
                 else:
                     where = f"pilot job {job.pilot}"
