@@ -107,7 +107,9 @@ def node() -> Iterator[str]:
 
 def test_a_node_failure_is_retried(make_executor: MakeExecutor, shared: Path, node: str) -> None:
     executor = make_executor()
-    future = executor.submit_task(Task(hpc_tasks.hold_on_first_run, (str(shared), "unlucky"), retries=1))
+    # more than one retry: a job submitted while the node goes down can fail with it too
+    task = Task(hpc_tasks.hold_on_first_run, (str(shared), "unlucky"), retries=3)
+    future = executor.submit_task(task)
     job_id = job_id_of(shared / "unlucky.started")
     try:
         run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=taskplex-test"])
@@ -117,8 +119,9 @@ def test_a_node_failure_is_retried(make_executor: MakeExecutor, shared: Path, no
             f"job {job_id} to end NODE_FAIL",
         )
         resume(node)
-    assert future.result(BOUND) == 2, "the task was not run again after its node failed"
-    assert future.task.attempts == 2
+    runs = future.result(BOUND)
+    assert runs >= 2, "the task was not run again after its node failed"
+    assert future.task.attempts >= runs
 
 
 def test_a_preempted_job_is_retried(
