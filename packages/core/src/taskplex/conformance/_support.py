@@ -93,6 +93,16 @@ async def await_until(condition: Callable[[], bool], what: str, limit: float | N
         await asyncio.sleep(POLL)
 
 
+async def settle(condition: Callable[[], bool], limit: float) -> bool:
+    """Wait up to ``limit`` seconds for ``condition``; whether it came (never fails the test)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(POLL)
+    return True
+
+
 async def bounded(awaitable: Awaitable[T], what: str, limit: float | None = None) -> T:
     """Await ``awaitable``; fail the test, saying ``what``, if it takes longer than the bound."""
     limit = bound() if limit is None else limit

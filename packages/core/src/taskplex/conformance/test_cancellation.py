@@ -21,9 +21,11 @@ from taskplex.conformance._support import (
     bounded,
     bounded_call,
     collect,
+    grace,
     occupy_every_executor_slot,
     occupy_every_slot,
     run,
+    settle,
     warm_up,
 )
 from taskplex.conformance.requirements import lacks, requires
@@ -211,9 +213,10 @@ class CancellationTests(SuiteBase):
                 await markers.until("running")
                 assert running.cancel() is True
                 assert_delivered_once(await collect(results, 1), [running])
-                # a backend may learn that remote work stopped after the task was delivered; once
-                # it reports the attempt over, the work must be gone
-                await await_until(lambda: server.stats.running == 0, "the attempt to be over")
+                # on a remote worker the stop may land after the task was delivered: give the
+                # backend a grace to report the attempt over, but not a wait long enough for the
+                # held work to give up by itself (work that was not stopped must reach 'done')
+                await settle(lambda: server.stats.running == 0, grace())
                 markers.release("running")
                 await markers.assert_never("running", stage="done")
                 # the worker is usable again
