@@ -204,6 +204,7 @@ def bench(session: nox.Session) -> None:
         "ipyparallel",
         "parsl",
         "mpich",
+        "h5py",  # executorlib's Slurm executor, in the hpc comparison
     )
     ensure_slurm(session)
     session.run("python", "benchmarks/run.py", *session.posargs)
@@ -211,6 +212,7 @@ def bench(session: nox.Session) -> None:
     quick = ["--quick"] if "--quick" in session.posargs else []
     session.run("python", "benchmarks/bench_zmq.py", *quick)
     session.run("python", "benchmarks/bench_mpi.py", *quick)
+    session.run("python", "benchmarks/bench_hpc.py", *(["--tasks", "100"] if quick else []))
 
 
 @nox.session

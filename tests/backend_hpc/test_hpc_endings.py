@@ -19,7 +19,7 @@ import pytest
 from hpc_support import BOUND, MakeExecutor, job_id_of, run, wait_until
 
 import taskplex
-from taskplex import JobKilled, Task, TaskStatus
+from taskplex import JobCancelled, JobOutOfMemory, JobTimedOut, Task, TaskStatus
 from taskplex_hpc import job_end
 
 
@@ -30,7 +30,8 @@ def test_a_job_cancelled_from_outside_is_reported_as_such(
     future = executor.submit_task(Task(hpc_tasks.hold, (str(shared), "victim"), retries=2))
     job_id = job_id_of(shared / "victim.started")
     run(["scancel", str(job_id)])
-    with pytest.raises(JobKilled, match=f"Slurm job {job_id} was cancelled outside taskplex") as caught:
+    outside = f"Slurm job {job_id} was cancelled outside taskplex"
+    with pytest.raises(JobCancelled, match=outside) as caught:
         future.result(BOUND)
     end = job_end(caught.value)
     assert end is not None
@@ -48,7 +49,7 @@ def test_a_job_past_its_time_limit_is_a_timeout_not_retried(
     job_id = job_id_of(shared / "slow.started")
     # Slurm's limits are in minutes; 0 makes the controller end the job at its next check
     run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=0"])
-    with pytest.raises(JobKilled, match="reached its time limit") as caught:
+    with pytest.raises(JobTimedOut, match="reached its time limit") as caught:
         future.result(BOUND)
     end = job_end(caught.value)
     assert end is not None
@@ -70,7 +71,7 @@ def test_a_job_over_its_memory_is_out_of_memory(make_executor: MakeExecutor, sha
     if end.state != "OUT_OF_MEMORY":  # no cgroup memory controller: slurmstepd's poll kills it
         assert end.state == "FAILED", end
         pytest.xfail("this machine enforces memory by polling, which ends the job FAILED")
-    assert isinstance(caught.value, JobKilled)
+    assert isinstance(caught.value, JobOutOfMemory)
     assert "ran out of memory" in str(caught.value)
     assert future.task.attempts == 1, "an out-of-memory job was retried with the same memory"
 
@@ -148,6 +149,6 @@ def test_a_preempted_job_is_retried(
 def test_a_dead_job_without_retries_names_its_exit(make_executor: MakeExecutor, shared: Path) -> None:
     executor = make_executor()
     future = executor.submit(hpc_tasks.exit_on_first_run, str(shared), "dead")
-    with pytest.raises(taskplex.WorkerLost, match=r"ended FAILED .*exit code 1"):
+    with pytest.raises(taskplex.JobFailed, match=r"ended FAILED .*exit code 1"):
         future.result(BOUND)
     assert future.task.status is TaskStatus.FAILED

@@ -101,12 +101,12 @@ def test_memory_amounts_are_read() -> None:
 @pytest.mark.parametrize(
     ("state", "kind", "retryable", "words"),
     [
-        ("TIMEOUT", taskplex.JobKilled, False, "reached its time limit"),
-        ("OUT_OF_MEMORY", taskplex.JobKilled, False, "ran out of memory"),
-        ("NODE_FAIL", taskplex.JobKilled, True, "its node failed"),
-        ("PREEMPTED", taskplex.JobKilled, True, "was preempted"),
-        ("CANCELLED", taskplex.JobKilled, False, "cancelled outside taskplex"),
-        ("FAILED", taskplex.WorkerLost, True, "ended FAILED"),
+        ("TIMEOUT", taskplex.JobTimedOut, False, "reached its time limit"),
+        ("OUT_OF_MEMORY", taskplex.JobOutOfMemory, False, "ran out of memory"),
+        ("NODE_FAIL", taskplex.NodeFailed, True, "its node failed"),
+        ("PREEMPTED", taskplex.JobPreempted, True, "was preempted"),
+        ("CANCELLED", taskplex.JobCancelled, False, "cancelled outside taskplex"),
+        ("FAILED", taskplex.JobFailed, True, "ended FAILED"),
         ("COMPLETED", taskplex.ResultUnreadable, False, "completed but left no result"),
     ],
 )

@@ -8,31 +8,53 @@ whether the task's ``retries`` are spent on it:
 =================  =====================  =========  ============================================
 Slurm state        error                  retried    why
 =================  =====================  =========  ============================================
-NODE_FAIL          ``JobKilled``          yes        the node died, not the task
-PREEMPTED          ``JobKilled``          yes        a higher-priority job took the node
-BOOT_FAIL          ``JobKilled``          yes        the node did not boot
-TIMEOUT            ``JobKilled``          no         the same walltime would expire again
-OUT_OF_MEMORY      ``JobKilled``          no         the same memory limit would be hit again
-DEADLINE           ``JobKilled``          no         the job's deadline passed
-CANCELLED          ``JobKilled``          no         someone outside taskplex cancelled the job
-FAILED             ``WorkerLost``         yes        the job's process died (killed, crashed)
+NODE_FAIL          ``NodeFailed``         yes        the node died, not the task
+PREEMPTED          ``JobPreempted``       yes        a higher-priority job took the node
+BOOT_FAIL          ``NodeFailed``         yes        the node did not boot
+TIMEOUT            ``JobTimedOut``        no         the same walltime would expire again
+OUT_OF_MEMORY      ``JobOutOfMemory``     no         the same memory limit would be hit again
+DEADLINE           ``JobTimedOut``        no         the job's deadline passed
+CANCELLED          ``JobCancelled``       no         someone outside taskplex cancelled the job
+FAILED             ``JobFailed``          yes        the job's process died (killed, crashed)
 COMPLETED          ``ResultUnreadable``   no         it exited cleanly yet left no result
 (no record)        ``WorkerLost``         yes        Slurm keeps no record of the job any more
 =================  =====================  =========  ============================================
 
-Each error carries the :class:`JobEnd` on its ``job`` attribute (read it with :func:`job_end`),
-so a caller can tell the reasons apart without parsing messages: ``job_end(error).state``.
+The error types are core's (:mod:`taskplex.errors`), so code that catches ``JobTimedOut`` works
+with any scheduler backend. Each error also carries the :class:`JobEnd` on its ``job`` attribute
+(read it with :func:`job_end`): ``job_end(error).state`` is Slurm's own word for the ending.
 """
 
 from __future__ import annotations
 
-from taskplex import InfrastructureError, JobKilled, ResultUnreadable, WorkerLost
+from taskplex import (
+    InfrastructureError,
+    JobCancelled,
+    JobFailed,
+    JobKilled,
+    JobOutOfMemory,
+    JobPreempted,
+    JobTimedOut,
+    NodeFailed,
+    ResultUnreadable,
+    WorkerLost,
+)
 from taskplex_hpc.cluster import JobEnd
 
 __all__ = ["RETRIED_STATES", "error_for", "job_end", "no_record"]
 
 RETRIED_STATES = frozenset({"NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "FAILED", "UNKNOWN"})
 """Job states after which another attempt could succeed."""
+
+_ERROR_OF: dict[str, type[JobKilled]] = {
+    "TIMEOUT": JobTimedOut,
+    "DEADLINE": JobTimedOut,
+    "OUT_OF_MEMORY": JobOutOfMemory,
+    "NODE_FAIL": NodeFailed,
+    "BOOT_FAIL": NodeFailed,
+    "PREEMPTED": JobPreempted,
+    "CANCELLED": JobCancelled,
+}
 
 _WHAT = {
     "TIMEOUT": "reached its time limit",
@@ -53,13 +75,14 @@ def error_for(end: JobEnd, output: str) -> InfrastructureError:
         detail += f", reason {end.reason}"
     error: InfrastructureError
     if end.state in _WHAT:
-        error = JobKilled(f"Slurm job {end.job_id} {_WHAT[end.state]} ({end.state}, {detail}){said}")
+        kind = _ERROR_OF[end.state]
+        error = kind(f"Slurm job {end.job_id} {_WHAT[end.state]} ({end.state}, {detail}){said}")
     elif end.state == "COMPLETED" and end.exit_code == 0:
         error = ResultUnreadable(
             f"Slurm job {end.job_id} completed but left no result (COMPLETED, {detail}){said}"
         )
     else:
-        error = WorkerLost(
+        error = JobFailed(
             f"Slurm job {end.job_id} ended {end.state} before its task wrote a result ({detail}){said}"
         )
     _describe(error, end)

@@ -30,8 +30,14 @@ __all__ = [
     "ExceptionPayload",
     "InfrastructureError",
     "InvalidOption",
+    "JobCancelled",
+    "JobFailed",
     "JobKilled",
+    "JobOutOfMemory",
+    "JobPreempted",
+    "JobTimedOut",
     "JournalError",
+    "NodeFailed",
     "QueueClosed",
     "RemoteTraceback",
     "ResourceUnavailable",
@@ -156,7 +162,41 @@ class WorkerLost(InfrastructureError):
 
 
 class JobKilled(InfrastructureError):
-    """A batch scheduler ended the task's job; carries the scheduler's reason."""
+    """A batch scheduler ended the task's job; carries the scheduler's reason.
+
+    The subclasses name the reasons a scheduler records, so that callers (and retries) can tell
+    them apart without reading messages; a backend raises the most specific one it knows.
+    """
+
+
+class JobTimedOut(JobKilled):
+    """The job reached its time limit (or deadline). Not retried: the same limit would expire."""
+
+    retryable = False
+
+
+class JobOutOfMemory(JobKilled):
+    """The job exceeded the memory it asked for. Not retried: it would again."""
+
+    retryable = False
+
+
+class NodeFailed(JobKilled):
+    """The job's node failed (or did not boot). Retried: another node may do."""
+
+
+class JobPreempted(JobKilled):
+    """The scheduler preempted the job for other work. Retried."""
+
+
+class JobCancelled(JobKilled):
+    """Someone outside taskplex cancelled the job. Not retried: it was meant to stop."""
+
+    retryable = False
+
+
+class JobFailed(WorkerLost):
+    """The job's process ended with an error before the task's result was written. Retried."""
 
 
 class ResultUnreadable(InfrastructureError):
