@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from _tasks import noop
-from harness import Candidate, Measured, NotInstalled, run_interleaved
+from harness import Candidate, NotInstalled, run_interleaved
 
 WORKERS = 2
 WARM_UP = 200
@@ -75,14 +74,6 @@ def throughput(n: int, kind: str, chunksize: int) -> float:
     return n / seconds
 
 
-def _median(m: Measured) -> float | None:
-    return statistics.median(float(s) for s in m.samples) if m.ok else None
-
-
-def _status(m: Measured) -> str:
-    return f"{m.status}: {m.detail}"[:80]
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke run")
@@ -111,12 +102,12 @@ def main(argv: list[str]) -> int:
         "|---|---|---|---|",
     ]
     for chunksize in CHUNKSIZES:
-        ours = _median(rates["mpi", chunksize])
+        ours = rates["mpi", chunksize].median()
         for kind, label in KINDS.items():
             m = rates[kind, chunksize]
-            rate = _median(m)
+            rate = m.median()
             ratio = f"{ours / rate:.2f}x" if rate and ours and kind != "mpi" else ""
-            shown = f"{rate:,.0f}" if rate else _status(m)
+            shown = f"{rate:,.0f}" if rate else m.why_not()
             lines.append(f"| {label} | {chunksize} | {shown} | {ratio} |")
     table = "\n".join(lines)
     print(table)

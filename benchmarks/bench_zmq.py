@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from _tasks import calibrate_spin, noop, spin
-from harness import Candidate, Measured, NotInstalled, run_interleaved
+from harness import Candidate, NotInstalled, run_interleaved
 
 WORKERS = 2
 WARM_UP = 200
@@ -162,14 +162,6 @@ KINDS = {
 }
 
 
-def _median(m: Measured, value: Callable[[Any], float]) -> float | None:
-    return statistics.median(value(s) for s in m.samples) if m.ok else None
-
-
-def _status(m: Measured) -> str:
-    return f"{m.status}: {m.detail}"[:80]
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke run")
@@ -187,7 +179,7 @@ def main(argv: list[str]) -> int:
         args.repeats,
     )
     by_kind = dict(zip(KINDS, rates, strict=True))
-    zmq_rate = _median(by_kind["zmq"], float)
+    zmq_rate = by_kind["zmq"].median()
     lines += [
         f"### {n:,} no-op tasks, submit then wait",
         "",
@@ -195,9 +187,9 @@ def main(argv: list[str]) -> int:
         "|---|---|---|",
     ]
     for kind, m in by_kind.items():
-        rate = _median(m, float)
+        rate = m.median()
         ratio = f"{zmq_rate / rate:.2f}x" if rate and zmq_rate and kind != "zmq" else ""
-        lines.append(f"| {KINDS[kind]} | {f'{rate:,.0f}' if rate else _status(m)} | {ratio} |")
+        lines.append(f"| {KINDS[kind]} | {f'{rate:,.0f}' if rate else m.why_not()} | {ratio} |")
 
     iterations = calibrate_spin(TASK_SECONDS)
     tasks = 200 if args.quick else 2_000
@@ -213,8 +205,8 @@ def main(argv: list[str]) -> int:
     )
     lines += ["", f"### {tasks:,} CPU-bound tasks of ~5 ms", "", "| pool | efficiency |", "|---|---|"]
     for m in measured:
-        value = _median(m, lambda s: tasks * s["single"] / WORKERS / s["seconds"])
-        lines.append(f"| {m.candidate.label} | {f'{value:.1%}' if value else _status(m)} |")
+        value = m.median(lambda s: tasks * s["single"] / WORKERS / s["seconds"])
+        lines.append(f"| {m.candidate.label} | {f'{value:.1%}' if value else m.why_not()} |")
 
     trips = 100 if args.quick else 1_000
     measured = run_interleaved(
@@ -231,7 +223,7 @@ def main(argv: list[str]) -> int:
     ]
     for m in measured:
         if not m.ok:
-            lines.append(f"| {m.candidate.label} | {_status(m)} | |")
+            lines.append(f"| {m.candidate.label} | {m.why_not()} | |")
             continue
         samples = sorted(s for sample in m.samples for s in sample)
         p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]

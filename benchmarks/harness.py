@@ -13,11 +13,12 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,14 @@ class Measured:
     @property
     def ok(self) -> bool:
         return self.status == "ok" and bool(self.samples)
+
+    def median(self, value: Callable[[Any], float] = float) -> float | None:
+        """The median of ``value`` over the samples, or None if nothing was measured."""
+        return statistics.median(value(s) for s in self.samples) if self.ok else None
+
+    def why_not(self) -> str:
+        """A short cell saying why there is no number (not installed, or the error)."""
+        return f"{self.status}: {self.detail}"[:80]
 
 
 def run_interleaved(bench: str, candidates: Iterable[Candidate], repeats: int) -> list[Measured]:
