@@ -89,8 +89,13 @@ def run_program(
         command = [MPIEXEC, *mpiexec_options(), "-n", str(ranks), sys.executable, *through]
         command += ["-m", module] if module else [str(script)]
         command += args
+    # A TMPDIR of the program's own: an mpiexec killed at the end of a test leaves its session
+    # files there, not where a later Open MPI whose launcher gets a recycled pid would trip on them.
+    tmpdir = directory / "tmp"
+    tmpdir.mkdir(exist_ok=True)
     environment = {
         **os.environ,
+        "TMPDIR": str(tmpdir),
         **(env or {}),
         "MPI_TEST_RESULT": str(result),
         "PYTHONPATH": os.pathsep.join([str(TESTS), *(path for path in sys.path if path)]),

@@ -33,6 +33,42 @@ def test_tasks_run_on_spawned_ranks_and_keep_their_tracebacks(tmp_path: Path) ->
     assert "in fail" in cause, cause
 
 
+def test_spawns_leave_no_session_files_and_are_not_tripped_by_stale_ones(tmp_path: Path) -> None:
+    # A spawn's process manager is killed when its job ends and leaves its session files in
+    # TMPDIR. Open MPI's prte keeps them in prte.<its pid>, and a later prte that gets a recycled
+    # pid finds the stale files there and cannot start its PMIx listener: the spawn fails with
+    # MPI_ERR_UNKNOWN. Here every pid the next spawns can get has such a stale directory.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    reported = succeeded(
+        run_program(
+            """
+            import socket, tempfile
+            scratch = os.environ["TMPDIR"]
+            host = socket.gethostname()
+            last = int(open("/proc/sys/kernel/ns_last_pid").read())
+            for pid in range(last + 1, last + 2000):
+                stale = os.path.join(scratch, f"prte.{pid}")
+                os.mkdir(stale)
+                for name in ("pmix.{}.tool", "pmix.{}.tool.{}", "pmix.{}.tool.prte-vm-{}@0"):
+                    with open(os.path.join(stale, name.format(host, pid)), "w") as out:
+                        out.write(f"prte-vm-{pid}@0.0;tcp4://127.0.0.1:1\\n")
+            before = sorted(os.listdir(scratch))
+            for round in range(2):
+                with taskplex.Executor("mpi", workers=1, mode="spawn") as executor:
+                    seen = executor.submit(tempfile.gettempdir).result(60)
+            report(left=sorted(set(os.listdir(scratch)) - set(before)), seen=seen, scratch=scratch)
+            """,
+            work,
+            env={"TMPDIR": str(scratch)},
+        )
+    )
+    assert reported["left"] == [], "the spawns left files in TMPDIR"
+    assert reported["seen"] == reported["scratch"], "a task saw the host's TMPDIR, not the caller's"
+
+
 def test_a_task_is_running_only_once_its_rank_starts_it(tmp_path: Path) -> None:
     reported = succeeded(
         run_program(

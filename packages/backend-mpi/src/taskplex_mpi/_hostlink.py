@@ -4,6 +4,14 @@ Everything happens on the server's event loop and nothing blocks it: frames from
 read when its socket is readable, frames to it wait until the socket takes them, and the host's
 end is watched with a pidfd (or a thread where there is none). Orders sent in one turn of the
 loop travel in one frame.
+
+Each host runs with ``TMPDIR`` set to a fresh directory of its own, removed once the host ended.
+MPI's process managers keep their session files there (Open MPI's ``prte.<pid>`` directories,
+MPICH's topology files) and leave them behind when they are killed, which is how a host always
+ends. Left in the shared temporary directory they pile up, and a later Open MPI whose ``prte``
+happens to get a recycled pid finds the stale files, cannot start its PMIx listener and fails
+the spawn. The ranks get the user's ``TMPDIR`` back before they run a task (see
+:data:`USER_TMPDIR`).
 """
 
 from __future__ import annotations
@@ -11,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from taskplex import BackendError, BackendUnavailable
 from taskplex_mpi._frames import EVENTS, FAILED, UNAVAILABLE, FrameReader, frame
-from taskplex_mpi._protocol import STOP
+from taskplex_mpi._protocol import STOP, USER_TMPDIR
 
 __all__ = ["HOST_COMMAND", "HostLink", "describe_exit"]
 
@@ -51,6 +61,7 @@ class HostLink:
         popen: subprocess.Popen[bytes],
         sock: socket.socket,
         count: int,
+        scratch: str,
     ) -> None:
         self.loop = loop
         self.pid = popen.pid
@@ -69,6 +80,7 @@ class HostLink:
         self._pending: list[tuple[int, list[tuple[Any, ...]]]] = []
         self._outbox = bytearray()
         self._reaped = False
+        self._scratch = scratch
         sock.setblocking(False)
         loop.add_reader(self._fd, self._read)
         self._watch_exit()
@@ -77,6 +89,9 @@ class HostLink:
     async def start(cls, *, python: str, mpiexec: str | None, count: int, timeout: float) -> HostLink:
         """Start a host that spawns ``count`` ranks; BackendUnavailable or BackendError if not."""
         loop = asyncio.get_running_loop()
+        scratch = tempfile.mkdtemp(prefix="taskplex-mpi-")
+        environment = dict(os.environ, TMPDIR=scratch)
+        environment[USER_TMPDIR] = os.environ.get("TMPDIR", "")
         ours, theirs = socket.socketpair()
         try:
             popen = subprocess.Popen(
@@ -84,13 +99,15 @@ class HostLink:
                 stdin=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
                 process_group=0,  # killing the group ends the host and MPI's process manager
+                env=environment,
             )
         except BaseException:
             ours.close()
+            shutil.rmtree(scratch, ignore_errors=True)
             raise
         finally:
             theirs.close()
-        link = cls(loop, popen, ours, count)
+        link = cls(loop, popen, ours, count, scratch)
         link._write(frame({"count": count, "python": python, "mpiexec": mpiexec}))
         try:
             await link._await_ready(timeout)
@@ -245,4 +262,5 @@ class HostLink:
         if self._outbox:
             self.loop.remove_writer(self._fd)
         self._sock.close()
+        shutil.rmtree(self._scratch, ignore_errors=True)  # the process manager's session files
         self.ended.set_result(code)

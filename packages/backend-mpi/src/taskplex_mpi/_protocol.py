@@ -33,6 +33,7 @@ __all__ = [
     "STARTED",
     "STOP",
     "STOPPED",
+    "USER_TMPDIR",
 ]
 
 ORDERS = 1
@@ -43,3 +44,6 @@ SPAWN_REPLY_TAG = 2
 CONFIGURE, LEVELS, RUN, STOP = 0, 1, 2, 3
 EXIT = "exit"
 STARTED, DONE, LOG, STOPPED = 10, 11, 12, 13
+
+USER_TMPDIR = "TASKPLEX_MPI_USER_TMPDIR"
+"""Spawned ranks: the caller's ``TMPDIR`` ("" when it had none), to restore; see ``_hostlink``."""

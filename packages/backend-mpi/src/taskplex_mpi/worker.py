@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from taskplex_mpi._protocol import (
     STARTED,
     STOP,
     STOPPED,
+    USER_TMPDIR,
 )
 
 if TYPE_CHECKING:
@@ -187,6 +189,18 @@ def _outcome(payload: tuple[bytes, bytes], task_comm: MPI.Comm) -> tuple[bool, b
         return True, dumps_exception(exc)
 
 
+def _restore_user_tmpdir() -> None:
+    """Give tasks the caller's ``TMPDIR``, not the spawn host's scratch directory (see _hostlink)."""
+    user = os.environ.pop(USER_TMPDIR, None)
+    if user is None:
+        return
+    if user:
+        os.environ["TMPDIR"] = user
+    else:
+        os.environ.pop("TMPDIR", None)
+    tempfile.tempdir = None  # in case something asked for it already
+
+
 def main() -> None:
     """Entry point of a spawned worker rank: serve the server that spawned this job, then exit."""
     from mpi4py import MPI
@@ -194,6 +208,7 @@ def main() -> None:
     parent = MPI.Comm.Get_parent()
     if parent == MPI.COMM_NULL:
         sys.exit("taskplex_mpi.worker is started by the mpi backend's spawn, not by hand")
+    _restore_user_tmpdir()
     try:
         serve(parent, MPI.COMM_WORLD, 0)
     finally:
