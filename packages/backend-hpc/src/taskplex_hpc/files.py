@@ -89,14 +89,17 @@ def make_private_directory(path: Path) -> Path:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (0600) so that readers see all of it or nothing."""
+    """Write ``data`` to ``path`` (0600) so that readers see all of it or nothing.
+
+    Not fsynced: the readers are other processes, which see the data once the file is closed
+    (also on NFS, whose close flushes to the server), not a machine after a crash — an attempt
+    whose node crashed is run again. An fsync would cost milliseconds on every packed task.
+    """
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as stream:
             stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
         os.rename(scratch, path)
     except BaseException:
         scratch.unlink(missing_ok=True)
