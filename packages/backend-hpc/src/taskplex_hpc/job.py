@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from taskplex_hpc import files
 
-__all__ = ["die_with", "main", "run_attempt"]
+__all__ = ["die_with", "main", "run_attempt", "watch_directory"]
 
 POLL = 0.02
 """Seconds between looks for the server's go (and for abort, where inotify is missing)."""
@@ -46,8 +46,12 @@ def main() -> NoReturn:
     os._exit(code)
 
 
-def run_attempt(directory: Path) -> int:
-    """Run the attempt in ``directory``; the exit code of the job (0 once a result is written)."""
+def run_attempt(directory: Path, *, guard: bool = True) -> int:
+    """Run the attempt in ``directory``; the exit code of the job (0 once a result is written).
+
+    ``guard=False`` where a supervisor of its own watches for ``abort`` and kills this process's
+    group (a pilot job, for the processes it forks), which spares a fork per task.
+    """
     from taskplex.errors import SerializationError
     from taskplex.serialization import dumps_exception
 
@@ -77,15 +81,16 @@ def run_attempt(directory: Path) -> int:
     )
     if not _wait_for_go(directory, call["server_silence"]):
         return 0  # withdrawn, or the server is gone: the function never runs
-    guard = _start_guard(directory)
+    guard_pid = _start_guard(directory) if guard else None
     try:
         kind, payload = _outcome(function, args, kwargs)
         _flush_output()  # before the result: the server reads the output's tail when it sees one
         _write_outcome(directory, kind, payload)
     finally:
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            os.kill(guard, signal.SIGKILL)
-            os.waitpid(guard, 0)
+        if guard_pid is not None:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(guard_pid, signal.SIGKILL)
+                os.waitpid(guard_pid, 0)
     return 0
 
 
@@ -130,7 +135,7 @@ def _wait_for_file(directory: Path, name: str) -> bool:
     network filesystems, whose remote changes inotify may miss) the file is looked for every POLL.
     """
     path = directory / name
-    watch = _inotify(directory)
+    watch = watch_directory(directory)
     try:
         while not path.exists():
             if not directory.exists():
@@ -147,7 +152,7 @@ def _wait_for_file(directory: Path, name: str) -> bool:
             os.close(watch)
 
 
-def _inotify(directory: Path) -> int | None:
+def watch_directory(directory: Path) -> int | None:
     """An inotify descriptor that wakes when a file appears in ``directory``, or None."""
     if not sys.platform.startswith("linux"):
         return None
@@ -177,20 +182,33 @@ def _wait_for_go(directory: Path, silence: float) -> bool:
     heartbeat, the run directory's ``alive`` file, is older than ``silence`` seconds)."""
     go, abort = directory / files.GO, directory / files.ABORT
     alive = directory.parent / files.ALIVE
-    while not go.exists():
-        if abort.exists() or not directory.is_dir():
-            return False  # withdrawn: aborted, or its directory already removed
-        try:
-            quiet = time.time() - alive.stat().st_mtime
-        except OSError:
-            quiet = float("inf")  # the run directory is gone: the server stopped
-        if quiet > silence:
-            print(
-                f"taskplex_hpc.job: the server is silent for {quiet:.0f} s; not running", file=sys.stderr
-            )
-            return False
-        time.sleep(POLL)
-    return True
+    # the go comes within a poll of the server's: woken by inotify where it can see it, it
+    # costs the task that much and no POLL more
+    watch = watch_directory(directory)
+    try:
+        while not go.exists():
+            if abort.exists() or not directory.is_dir():
+                return False  # withdrawn: aborted, or its directory already removed
+            try:
+                quiet = time.time() - alive.stat().st_mtime
+            except OSError:
+                quiet = float("inf")  # the run directory is gone: the server stopped
+            if quiet > silence:
+                print(
+                    f"taskplex_hpc.job: the server is silent for {quiet:.0f} s; not running",
+                    file=sys.stderr,
+                )
+                return False
+            if watch is None:
+                time.sleep(POLL)
+            else:
+                select.select([watch], [], [], POLL)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(watch, 4096)
+        return True
+    finally:
+        if watch is not None:
+            os.close(watch)
 
 
 def _outcome(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, bytes]:

@@ -8,12 +8,18 @@ the attempt's directory and holds the seconds the task may need (its timeout or 
 unknown). The pilot claims a ticket by renaming it into a directory of its own — a rename
 succeeds for exactly one pilot, so no task runs twice — and runs the attempt at once in a forked
 child process, as a job of its own would (:func:`taskplex_hpc.job.run_attempt`: say it is
-ready, wait for the server's go, run, write the result; a guard kills the child's process group
-on abort). The go is what makes a task the server cancelled meanwhile never run, and what starts
-its clock: the server sees the task running exactly when it runs.
+ready, wait for the server's go, run, write the result). The go is what makes a task the server
+cancelled meanwhile never run, and what starts its clock: the server sees the task running
+exactly when it runs. The server drops tickets ahead of free slots, so a slot that frees finds
+its next ticket at once; what a packed task waits for is the go, for which the server looks
+often while packed tasks come and go.
 
-Supervision: at most SLOTS children at once; a child that ends without writing a result (killed,
-crashed) gets an ``exit`` file saying how it ended, which the server turns into WorkerLost.
+Supervision: at most SLOTS children at once, each leading a process group of its own. The pilot
+sleeps in the kernel until a child ends (a pidfd per child), a ticket arrives (inotify on the
+queue, where the filesystem reports it) or POLL passes; then it reaps, kills the group of any
+child whose attempt has an ``abort`` file (or lost its directory), and claims tickets for free
+slots. A child that ends without writing a result (killed, crashed) gets an ``exit`` file saying
+how it ended, which the server turns into WorkerLost.
 Draining: a ticket whose time does not fit in what is left of WALLTIME (less a margin) is left
 for another pilot, and when no ticket fits the pilot stops claiming, waits for its children and
 exits before Slurm would end it. A pilot with no children and no ticket for IDLE seconds exits.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import time
@@ -32,13 +39,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from taskplex_hpc import files
-from taskplex_hpc.job import die_with, run_attempt
+from taskplex_hpc.job import die_with, run_attempt, watch_directory
 
 __all__ = ["DRAIN_MARGIN", "Pilot", "main"]
 
 DRAIN_MARGIN = files.DRAIN_MARGIN
 """Seconds before the pilot's walltime at which it stops starting tasks of unknown length."""
 POLL = 0.02
+"""Seconds between looks at the queue and the children's abort files, at the longest."""
 
 
 def main() -> NoReturn:
@@ -66,6 +74,10 @@ class Pilot:
         self.job_id = os.environ.get("SLURM_JOB_ID", str(os.getpid()))
         self.claimed = files.make_private_directory(queue.parent / f"{files.CLAIMED}{self.job_id}")
         self.children: dict[int, Path] = {}
+        self.pidfds: dict[int, int] = {}
+        """Child pid -> a descriptor that becomes readable when it ends (where Linux has them)."""
+        self.killed: set[int] = set()
+        self.watch = watch_directory(queue)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._terminate)
@@ -73,14 +85,31 @@ class Pilot:
         draining = False
         while True:
             self._reap()
+            self._stop_aborted()
             now = time.monotonic()
-            if not draining and len(self.children) < self.slots:
+            hungry = not draining and len(self.children) < self.slots
+            if hungry:
                 draining = not self._claim(self.deadline - now)
+                hungry = not draining and len(self.children) < self.slots
             if self.children:
                 last_busy = now
             elif draining or now - last_busy > self.idle or not self.queue.is_dir():
                 return 0
+            self._wait(hungry)
+
+    def _wait(self, hungry: bool) -> None:
+        """Sleep until a child ends, a ticket may have arrived (if slots are free), or POLL."""
+        descriptors = list(self.pidfds.values())
+        if hungry and self.watch is not None:
+            descriptors.append(self.watch)
+        # a child without a pidfd, or a queue without inotify: POLL bounds the wait
+        if descriptors:
+            select.select(descriptors, [], [], POLL)
+        else:
             time.sleep(POLL)
+        if self.watch is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.watch, 65536)
 
     def _claim(self, remaining: float) -> bool:
         """Start attempts for free slots; False once no ticket can fit in ``remaining`` seconds."""
@@ -122,19 +151,29 @@ class Pilot:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 die_with(pilot)
+                # a group of its own, which the pilot kills on abort (with the task's processes)
+                os.setpgid(0, 0)
+                for descriptor in [*self.pidfds.values(), self.watch]:
+                    if descriptor is not None:
+                        os.close(descriptor)
                 os.chdir(directory)
                 # the attempt's own output file, whose tail the server attaches to failures
                 output = os.open(directory / files.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 os.dup2(output, 1)
                 os.dup2(output, 2)
                 os.close(output)
-                code = run_attempt(directory)
+                code = run_attempt(directory, guard=False)
                 for stream in (sys.stdout, sys.stderr):
                     with contextlib.suppress(OSError, ValueError):
                         stream.flush()
             finally:
                 os._exit(code)
+        # also here: an abort may come before the child has made its group
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
         self.children[pid] = directory
+        with contextlib.suppress(OSError, AttributeError):  # Linux >= 5.3 has them
+            self.pidfds[pid] = os.pidfd_open(pid)
 
     def _reap(self) -> None:
         for pid, directory in list(self.children.items()):
@@ -145,9 +184,23 @@ class Pilot:
             if done == 0:
                 continue
             del self.children[pid]
+            self.killed.discard(pid)
+            pidfd = self.pidfds.pop(pid, None)
+            if pidfd is not None:
+                os.close(pidfd)
             if not (directory / files.RESULT).exists():
                 with contextlib.suppress(OSError):
                     files.write_atomically(directory / files.EXIT, _describe(status).encode())
+
+    def _stop_aborted(self) -> None:
+        """Kill the process group of each child whose attempt the server aborted (or removed)."""
+        for pid, directory in self.children.items():
+            if pid in self.killed:
+                continue
+            if (directory / files.ABORT).exists() or not directory.is_dir():
+                self.killed.add(pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
 
     def _terminate(self, signum: int, frame: object) -> None:
         # scancel: the children go with their pilot (each leads its own process group)
