@@ -40,3 +40,12 @@ def job_id_of(marker: Path) -> int:
 def queued_job_ids(name_prefix: str) -> list[int]:
     lines = run(["squeue", "--noheader", "--format=%i|%j"]).splitlines()
     return [int(line.split("|")[0]) for line in lines if line.split("|")[1].startswith(name_prefix)]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (seen in /proc, not through the backend)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a killed daemon lingers as a zombie for a while

@@ -8,6 +8,7 @@ a function can also damage its own result file on purpose.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,4 +101,14 @@ def hold_with_pid(directory: str, name: str) -> str:
     path = Path(directory) / f"{name}.pid"
     path.with_suffix(".tmp").write_text(str(os.getpid()))
     path.with_suffix(".tmp").rename(path)
-    return hold(directory, name)
+    return hold_with_pid(directory, name)
+
+
+def spawn_and_hold(directory: str, name: str) -> str:
+    """Start a ``sleep`` of its own and write its pid to ``<name>.child``, then
+    :func:`hold_with_pid`."""
+    child = subprocess.Popen(["sleep", str(BOUND)])
+    path = Path(directory) / f"{name}.child"
+    path.with_suffix(".tmp").write_text(str(child.pid))
+    path.with_suffix(".tmp").rename(path)
+    return hold_with_pid(directory, name)

@@ -1,5 +1,8 @@
 """Packing (``pack=True``): many tasks per pilot job, pilots sized per task shape, draining before
-the pilot's walltime, cancelling one task of a pilot, stopping."""
+the pilot's walltime, tickets dropped ahead of free slots, cancelling one task of a pilot, stopping.
+
+Where a test must know what is in the pack queues it looks at the run directory's files (the
+tickets waiting, the tickets a pilot claimed), not at the backend's state."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import hpc_tasks
 import pytest
-from hpc_support import BOUND, MakeExecutor, queued_job_ids, wait_until
+from hpc_support import BOUND, MakeExecutor, alive, queued_job_ids, wait_until
 
 import taskplex
 from taskplex import Task, TaskStatus
@@ -20,6 +23,19 @@ def pilot_of(task: Task) -> str:
     worker = str(task.worker)
     assert worker.startswith("pilot job "), worker
     return worker.split()[2]
+
+
+def waiting_tickets(workdir: Path) -> list[Path]:
+    return [path for path in workdir.glob("*/queue-*/*") if path.name.isdigit()]
+
+
+def claimed_tickets(workdir: Path) -> list[Path]:
+    return [path for path in workdir.glob("*/claimed-*/*") if path.name.isdigit()]
+
+
+def ready(ticket: Path) -> bool:
+    """Whether the task of a claimed ticket said it is ready (its ``started`` file)."""
+    return (ticket.parent.parent / ticket.name / "started").exists()
 
 
 def test_many_tasks_share_a_pilot(make_executor: MakeExecutor) -> None:
@@ -62,6 +78,69 @@ def test_a_pilot_starts_no_task_it_cannot_finish(make_executor: MakeExecutor, sh
     assert pilot_of(late.task) != pilot_of(first.task), "a task was started without time to finish"
     (shared / "first.release").touch()
     assert first.result(BOUND) == "first"
+
+
+def test_a_ticket_waits_ahead_of_a_busy_slot_and_once_cancelled_never_runs(
+    make_executor: MakeExecutor, shared: Path, workdir: Path
+) -> None:
+    executor = make_executor(pack=True, workers=1)
+    blocker = executor.submit(hpc_tasks.hold, str(shared), "blocker")
+    wait_until((shared / "blocker.started").exists, "the blocker to start")
+    ahead = executor.submit(hpc_tasks.hold, str(shared), "ahead")
+    # dropped for the pilot while its only slot is busy, so that the slot need not wait for the
+    # server once it frees
+    wait_until(lambda: len(waiting_tickets(workdir)) == 1, "a ticket ahead of the busy slot")
+    assert ahead.task.status is TaskStatus.QUEUED
+    assert ahead.task.cancel() is True
+    wait_until(lambda: waiting_tickets(workdir) == [], "the cancelled task's ticket to be withdrawn")
+    (shared / "blocker.release").touch()
+    assert blocker.result(BOUND) == "blocker"
+    # the slot that freed has taken the next ticket: the withdrawn one can no longer start
+    assert executor.submit(abs, -1).result(BOUND) == 1
+    assert ahead.task.status is TaskStatus.CANCELLED
+    assert not (shared / "ahead.started").exists()
+
+
+def test_a_task_claimed_beyond_workers_waits_for_its_go_and_once_cancelled_never_runs(
+    make_executor: MakeExecutor, shared: Path, workdir: Path
+) -> None:
+    # a pilot of two slots for one worker claims the ticket dropped ahead and readies its task:
+    # the go, not the pilot's free slot, decides whether and when it runs
+    executor = make_executor(pack=True, workers=1, pilot_cores=2)
+    blocker = executor.submit(hpc_tasks.hold, str(shared), "blocker")
+    wait_until((shared / "blocker.started").exists, "the blocker to start")
+    claimed = executor.submit(hpc_tasks.hold, str(shared), "claimed")
+    wait_until(
+        lambda: len(claimed_tickets(workdir)) == 2 and all(map(ready, claimed_tickets(workdir))),
+        "the pilot to claim the second ticket and ready its task",
+    )
+    assert not (shared / "claimed.started").exists(), "two tasks ran at once with workers=1"
+    assert claimed.task.status is TaskStatus.QUEUED
+    assert claimed.task.cancel() is True
+    (shared / "blocker.release").touch()
+    assert blocker.result(BOUND) == "blocker"
+    assert executor.submit(abs, -1).result(BOUND) == 1
+    assert claimed.task.status is TaskStatus.CANCELLED
+    assert not (shared / "claimed.started").exists()
+
+
+def test_the_pilot_kills_a_cancelled_task_and_the_processes_it_started(
+    make_executor: MakeExecutor, shared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executor = make_executor(pack=True)
+    # the server believes the task runs on another host, and a packed task gets no scancel of
+    # its own: only its pilot, watching for the abort file, can stop it
+    monkeypatch.setattr(executor.server.backend, "_host", "a-compute-node-elsewhere")
+    future = executor.submit(hpc_tasks.spawn_and_hold, str(shared), "parent")
+    wait_until((shared / "parent.pid").exists, "the task to start a process")
+    wait_until(future.running, "the task to be running")
+    child = int((shared / "parent.child").read_text())
+    task = int((shared / "parent.pid").read_text())
+    assert future.task.cancel() is True
+    wait_until(lambda: not alive(task), "the pilot to kill the task's process")
+    wait_until(lambda: not alive(child), "the pilot to kill the process the task started")
+    wait_until(future.done, "the task to be reported over")
+    assert future.task.status is TaskStatus.CANCELLED
 
 
 def test_cancelling_one_task_of_a_pilot_stops_only_it(make_executor: MakeExecutor, shared: Path) -> None:

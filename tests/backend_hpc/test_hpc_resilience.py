@@ -11,21 +11,13 @@ from pathlib import Path
 
 import hpc_tasks
 import pytest
-from hpc_support import BOUND, MakeExecutor, queued_job_ids, run, wait_until
+from hpc_support import BOUND, MakeExecutor, alive, queued_job_ids, run, wait_until
 
 from taskplex import TaskStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP_SLURM = ROOT / ".ci" / "setup-slurm"
 CONTROLLER_PID = Path("/run/slurmctld.pid")
-
-
-def alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in status  # a killed daemon lingers as a zombie for a while
 
 
 def test_slurmctld_restarted_mid_run_loses_no_task(make_executor: MakeExecutor, shared: Path) -> None:
@@ -121,7 +113,7 @@ def test_the_guard_stops_work_on_another_host_without_scancel(
     pack: bool,
 ) -> None:
     # scancel does nothing, and the server believes the job runs elsewhere: only the job's
-    # guard, watching for the abort file, can stop the work
+    # guard (packed: its pilot), watching for the abort file, can stop the work
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "scancel").write_text("#!/bin/sh\nexit 0\n")

@@ -79,7 +79,8 @@ class Options:
     job_name: str
     command_timeout: float
     result_grace: float
-    prefetch: int
+    prefetch: int | None
+    """None: none for one job per task, ``workers`` slots of tickets when packing."""
     pack: bool
     pilot_cores: int | None
     pilot_walltime: float
@@ -106,7 +107,7 @@ class Options:
         job_name: str,
         command_timeout: float,
         result_grace: float,
-        prefetch: int,
+        prefetch: int | None,
         pack: bool,
         pilot_cores: int | None,
         pilot_walltime: float | str,
@@ -143,12 +144,12 @@ class Options:
         if memory is not None and not _int_at_least(memory, 1):
             raise InvalidOption(f"memory is in megabytes (an int > 0) or None, got {memory!r}")
         seconds = _walltime(walltime)
-        if not _int_at_least(prefetch, 0):
-            raise InvalidOption(f"prefetch must be an int >= 0 (job slots ahead), got {prefetch!r}")
+        if prefetch is not None and not _int_at_least(prefetch, 0):
+            raise InvalidOption(
+                f"prefetch must be an int >= 0 (slots launched ahead) or None, got {prefetch!r}"
+            )
         if not isinstance(pack, bool):
             raise InvalidOption(f"pack must be True or False, got {pack!r}")
-        if pack and prefetch:
-            raise InvalidOption("prefetch applies to one job per task; pilots (pack=True) need none")
         if pilot_cores is not None and not _int_at_least(pilot_cores, 1):
             raise InvalidOption(f"pilot_cores must be an int >= 1 or None, got {pilot_cores!r}")
         pilot_seconds = _walltime(pilot_walltime)

@@ -30,7 +30,12 @@ attempt keeps its slots until its job has left the queue.
 With ``pack=True`` attempts get no job each: their calls are written as before and a ticket per
 attempt goes into a queue directory per task shape, from which pilot jobs
 (:mod:`taskplex_hpc.pilot`) claim them; the go, abort and result files are the same, and the
-server starts pilots where the live tasks of a shape need more than are queued.
+server starts pilots where the live tasks of a shape need more than are queued. Tickets are
+dropped for ``workers`` slots more than run (``prefetch``), so a pilot's slot that frees claims
+its next task at once; an unclaimed ticket is withdrawn by unlinking it, which fails only if a
+pilot renamed it first. Between two polls the server looks at the attempts' files alone, as often
+as every ``LOOK`` while tasks come and go, so that a claimed task gets its go without waiting for
+the next squeue.
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ STOP_BOUND = 30.0
 """Seconds stop() waits for this server's cancelled jobs to leave the queue."""
 SUBMIT_RETRY = 2.0
 """Seconds before a submission that failed for a passing reason (no controller) is tried again."""
+LOOK = 0.01
+"""Packed: the shortest pause between looks at the attempts' files while tasks come and go."""
 
 
 @dataclass(eq=False)
@@ -214,8 +221,13 @@ class HPCBackend(Backend):
         )
         files.touch(self._run_directory / files.ALIVE)
         self._context = context
-        if self.options.prefetch:
-            context.set_prefetch(self.options.prefetch)
+        prefetch = self.options.prefetch
+        if prefetch is None:
+            # packed: a ticket waits for each slot, so that a pilot's slot that frees takes its
+            # next task at once instead of after a round trip through the server
+            prefetch = context.workers if self.options.pack else 0
+        if prefetch:
+            context.set_prefetch(prefetch)
         # the caller's modules (its script's directory, test directories) are found in jobs too
         self._sys_path = list(sys.path)
         self._submit_wake = asyncio.Event()
@@ -524,16 +536,27 @@ class HPCBackend(Backend):
     # ------------------------------------------------------------------ poll
 
     async def _poll_loop(self) -> None:
+        """Poll every ``interval``; packed, look at the files in between, as often as every LOOK
+        while tasks come and go, backing off to ``interval`` while nothing changes."""
+        interval = self.options.interval
+        pause = interval
+        next_poll = time.monotonic() + interval
         while True:
-            await asyncio.sleep(self.options.interval)
-            await self._poll()
+            await asyncio.sleep(max(0.0, min(pause, next_poll - time.monotonic())))
+            full = time.monotonic() >= next_poll - LOOK / 10
+            changed = await self._poll(full)
+            if full:
+                next_poll = time.monotonic() + interval
+            pause = LOOK if changed and self.options.pack else min(2 * pause, interval)
 
-    async def _poll(self) -> None:
+    async def _poll(self, full: bool = True) -> bool:
+        """Look at the job files, and with ``full`` at the queue too; True if an attempt became
+        ready, ended or was given its go."""
         context = self._context
         if context is None:
-            return
+            return False
         bound = 2 * self.options.command_timeout + 10
-        if self._to_cancel:
+        if full and self._to_cancel:
             cancelling = sorted(self._to_cancel)
             try:
                 await context.run_blocking(self.cluster.cancel, cancelling, timeout=bound)
@@ -546,48 +569,33 @@ class HPCBackend(Backend):
             job for job in self._jobs.values() if (job.ticket if pack else job.job_id) is not None
         ]
         if not watched and not self._finished and not self._pilots:
-            return
+            return False
         # the queue first, the files after: a job gone from the queue had written its result
-        queued: dict[int, str] | None
-        self.polls += 1
-        # only jobs submitted before the look can be missing from it
-        known = set(self._submitted)
-        try:
-            queued = await context.run_blocking(self.cluster.queued, known, timeout=bound)
-        except (SchedulerCommandError, BackendError) as exc:
-            queued = None
-            now = time.monotonic()
-            if self._unreachable_since is None:
-                self._unreachable_since = now
-                logger.warning("squeue failed (%s); results are still read, endings wait", exc)
-        else:
-            if self._unreachable_since is not None:
-                logger.warning(
-                    "squeue answers again after %.0f s", time.monotonic() - self._unreachable_since
-                )
-            self._unreachable_since = None
-            gone = known - queued.keys()
-            self._submitted -= gone
-            self._gone |= gone
-            cleanup = [self._finished.pop(job_id) for job_id in gone if job_id in self._finished]
-            if cleanup:
-                await context.run_blocking(_remove_directories, cleanup, timeout=bound)
-            if pack:
-                await self._pilots_gone([p for p in self._pilots if p in gone], bound)
+        queued: dict[int, str] | None = None
+        if full:
+            queued = await self._look_at_queue(bound)
         assert self._run_directory is not None
         scans = await context.run_blocking(
             _scan_all, watched, self._gone, self._run_directory / files.ALIVE, timeout=bound
         )
         go: list[Path] = []
         ended: list[_Job] = []
-        # launched ahead (prefetch), a ready job waits for its go until the work running
-        # leaves room for it: never more than `workers` slots' worth runs at once
-        busy = sum(job.attempt.slots for job in self._jobs.values() if job.began)
+        # launched ahead (prefetch, a pilot's spare slots), a ready attempt waits for its go
+        # until the work running leaves room for it: never more than `workers` slots' worth
+        # runs at once; work whose result is in this look no longer runs
+        over = {
+            job.attempt.id
+            for job, scan in zip(watched, scans, strict=True)
+            if scan.exit is not None or (scan.result is not None and not job.aborted)
+        }
+        busy = sum(
+            job.attempt.slots for job in self._jobs.values() if job.began and job.attempt.id not in over
+        )
         for job, scan in zip(watched, scans, strict=True):
             for frame in scan.log:
                 _emit(frame, job)
             ready = scan.started is not None and not job.began and not job.aborted
-            if ready and not pack and busy + job.attempt.slots > context.workers:
+            if ready and busy + job.attempt.slots > context.workers:
                 ready = False
             if ready:
                 assert scan.started is not None
@@ -640,12 +648,42 @@ class HPCBackend(Backend):
                     ended.append(job)
         if go:
             await context.run_blocking(_write_go, go, timeout=bound)
-        if ended:
+        if ended and full:
             await self._report_endings(ended, bound)
         if pack and queued is not None:
             await self._start_pilots(bound)
+        return bool(go or over)
 
     # ------------------------------------------------------------------ pilots (packed)
+
+    async def _look_at_queue(self, bound: float) -> dict[int, str] | None:
+        """One squeue for all of this server's jobs, noting those gone; None if it failed."""
+        context = self._context
+        assert context is not None
+        self.polls += 1
+        # only jobs submitted before the look can be missing from it
+        known = set(self._submitted)
+        try:
+            queued = await context.run_blocking(self.cluster.queued, known, timeout=bound)
+        except (SchedulerCommandError, BackendError) as exc:
+            if self._unreachable_since is None:
+                self._unreachable_since = time.monotonic()
+                logger.warning("squeue failed (%s); results are still read, endings wait", exc)
+            return None
+        if self._unreachable_since is not None:
+            logger.warning(
+                "squeue answers again after %.0f s", time.monotonic() - self._unreachable_since
+            )
+        self._unreachable_since = None
+        gone = known - queued.keys()
+        self._submitted -= gone
+        self._gone |= gone
+        cleanup = [self._finished.pop(job_id) for job_id in gone if job_id in self._finished]
+        if cleanup:
+            await context.run_blocking(_remove_directories, cleanup, timeout=bound)
+        if self.options.pack:
+            await self._pilots_gone([p for p in self._pilots if p in gone], bound)
+        return queued
 
     async def _pilots_gone(self, gone: list[int], bound: float) -> None:
         """Give back what pilots that ended had claimed but not started (their tickets)."""
@@ -681,8 +719,11 @@ class HPCBackend(Backend):
             if name.startswith(files.DRAINING) and name.removeprefix(files.DRAINING).isdigit()
         }
         for shape, jobs in demand.items():
-            slots = self._pilot_slots(jobs[0].attempt.task)
-            wanted = -(-len(jobs) // slots)
+            task = jobs[0].attempt.task
+            slots = self._pilot_slots(task)
+            # tickets dropped ahead wait for slots that free; more pilots than `workers` can
+            # keep busy would only hold an allocation each
+            wanted = -(-min(len(jobs), max(1, self._context.workers // self.slots(task))) // slots)
             have = sum(
                 1
                 for job_id, served in self._pilots.items()
@@ -895,9 +936,10 @@ class HPCServer(TaskServer):
     (seconds any scheduler command may take) and ``result_grace`` (seconds a result may take to
     appear on the shared filesystem after its job left the queue).
 
-    ``prefetch`` (job slots submitted ahead of ``workers``): their jobs wait in the queue, and
-    once started wait for their go, so that the scheduler's latency overlaps the work running;
-    never more than ``workers`` slots' worth of tasks runs at once.
+    ``prefetch`` (slots launched ahead of ``workers``; default none with a job per task, and
+    ``workers`` when packing): their jobs wait in the queue, or their tickets for a pilot's slot,
+    and once started wait for their go, so that the scheduler's latency overlaps the work
+    running; never more than ``workers`` slots' worth of tasks runs at once.
 
     Packing: with ``pack=True`` tasks do not get a job each; the server starts pilot jobs of
     ``pilot_cores`` CPUs (default ``workers``) and ``pilot_walltime`` that take tasks from the
@@ -930,7 +972,7 @@ class HPCServer(TaskServer):
         job_name: str = "taskplex",
         command_timeout: float = 30.0,
         result_grace: float = 30.0,
-        prefetch: int = 0,
+        prefetch: int | None = None,
         pack: bool = False,
         pilot_cores: int | None = None,
         pilot_walltime: float | str = 3600.0,
