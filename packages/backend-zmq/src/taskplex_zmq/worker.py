@@ -5,9 +5,9 @@ Data flow, all on one event loop::
     broker ── TASKS keys + payloads ──► Task(run_call, key, function, arguments)
                                           │ accept + enqueue on a MultiprocessingServer
                                           ▼ (the mp backend: supervised task processes)
-    broker ◄── STARTED keys, pids ◄── taskplex_task_started hook
-    broker ◄── RESULTS keys, flags, payloads ◄── the server's ResultsQueue
-    broker ◄── LOGS keys, records ◄── a logging handler (records carry their task's key)
+    broker ◄── STARTED keys, pids ◄── taskplex_task_started hook          ┐ gathered, sent
+    broker ◄── LOGS keys, records ◄── a logging handler (by task key)     │ once per turn of
+    broker ◄── RESULTS keys, flags, payloads ◄── the tasks' _Finished queue ┘ the loop, in order
 
 The host runs the mp backend through its public API, so a task process that dies is noticed and
 reported (WorkerLost, which the client retries within the task's ``retries``), CANCEL stops work
@@ -35,7 +35,7 @@ import zmq
 
 import taskplex
 from taskplex import ResultsQueue, Task, TaskStatus, plugins
-from taskplex.errors import QueueClosed, TaskCancelled, WorkerLost
+from taskplex.errors import TaskCancelled, WorkerLost
 from taskplex.remote_logging import apply_logger_levels, pack_record
 from taskplex.serialization import dumps_exception
 from taskplex_mp import MultiprocessingServer
@@ -74,6 +74,21 @@ class _KeyedRecords(logging.Handler):
             self._collect(key, pack_record(record))
 
 
+class _Finished(ResultsQueue):
+    """The results queue of the host's tasks: hands each finished task to the host at once.
+
+    The server delivers on its loop, where the host gathers what a turn of the loop finished and
+    sends it in one message; no reader task, lock or wake-up per batch is needed.
+    """
+
+    def __init__(self, deliver: Callable[[Task], None]) -> None:
+        super().__init__()
+        self._deliver = deliver
+
+    def put(self, task: Task) -> None:
+        self._deliver(task)
+
+
 class WorkerHost:
     """Serve one broker with ``processes`` task processes; see the module docstring.
 
@@ -98,11 +113,11 @@ class WorkerHost:
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.server = MultiprocessingServer(workers=processes)
-        self._results = ResultsQueue()
-        self._tasks: dict[int, Task] = {}
-        self._keys: dict[str, int] = {}
+        self._results = _Finished(self._finished)
+        self._tasks: dict[int, Task] = {}  # key -> the task running it (its args begin with the key)
         self._started: dict[int, int] = {}  # key -> pid of its task process, not yet reported
         self._logs: list[tuple[int, bytes]] = []
+        self._done: list[Task] = []  # finished, not yet reported
         self._flush_scheduled = False
         self._incarnation: bytes | None = None
         self._joined = False  # the broker welcomed the last HELLO
@@ -128,13 +143,12 @@ class WorkerHost:
                 await self.server.start(group)
                 self._loop.add_reader(fd, self._readable)
                 self._hello()
-                loops = [group.create_task(self._deliver()), group.create_task(self._beat())]
+                beat = group.create_task(self._beat())
                 await stop.wait()
                 self._stopping = True
                 await self.server.stop()
-                await self._drain_results()
-                for loop_task in loops:
-                    loop_task.cancel()
+                self._flush()
+                beat.cancel()
         finally:
             self._loop.remove_reader(fd)
             plugins.pm.unregister(name=plugin_name)
@@ -198,11 +212,11 @@ class WorkerHost:
         parts = p.unpack_parts(frames[2], frames[3], 2 * len(keys))
         server, results = self.server, self._results
         batch = []
+        tasks = self._tasks
         for index, key in enumerate(keys):
             task = Task(run_call, (key, parts[2 * index], parts[2 * index + 1]), results_queue=results)
             server.accept(task)
-            self._tasks[key] = task
-            self._keys[task.id] = key
+            tasks[key] = task
             batch.append(task)
         server.enqueue_accepted(batch)
 
@@ -217,9 +231,9 @@ class WorkerHost:
         for task in list(self._tasks.values()):
             task.cancel()
         self._tasks.clear()
-        self._keys.clear()
         self._started.clear()
         self._logs.clear()
+        self._done.clear()
         self._hello()
 
     async def _beat(self) -> None:
@@ -245,14 +259,22 @@ class WorkerHost:
     def taskplex_task_started(self, task: Task, server: Any) -> None:
         if server is not self.server:
             return
-        key = self._keys.get(task.id)
-        if key is not None:
+        key = task.args[0]
+        if self._tasks.get(key) is task:
             found = _TASK_PROCESS.fullmatch(task.worker or "")
             self._started[key] = int(found.group(1)) if found else 0
             self._schedule_flush()
 
+    def _finished(self, task: Task) -> None:
+        self._done.append(task)
+        self._wake()
+
     def _collect_log(self, key: int, record: bytes) -> None:
         self._logs.append((key, record))
+        self._wake()
+
+    def _wake(self) -> None:
+        """Have what was gathered sent this turn of the loop; safe from any thread."""
         loop = self._loop
         if loop is None:
             return
@@ -271,42 +293,31 @@ class WorkerHost:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Send what this turn of the loop gathered: starts, then log records, then results."""
         self._flush_scheduled = False
+        keys: list[int] = []
+        flags = bytearray()
+        payloads: list[bytes] = []
+        if self._done:
+            done, self._done = self._done, []
+            tasks, started = self._tasks, self._started
+            for task in done:
+                key = task.args[0]
+                if tasks.get(key) is not task:
+                    continue  # of a broker that no longer counts on it
+                del tasks[key]
+                started.pop(key, None)  # not reported yet: the result says it started
+                flag, payload = self._outcome(task)
+                keys.append(key)
+                flags.append(flag)
+                payloads.append(payload)
         if self._started:
             started, self._started = self._started, {}
             self._send([p.W_STARTED, p.pack_ids(list(started)), p.pack_ids(list(started.values()))])
         if self._logs:
             logs, self._logs = self._logs, []
             self._send([p.W_LOGS, p.pack_ids([key for key, _ in logs]), *(record for _, record in logs)])
-
-    async def _deliver(self) -> None:
-        while True:
-            try:
-                finished = await self._results.get_batch(1)
-            except QueueClosed:
-                return
-            self._send_results(finished)
-
-    async def _drain_results(self) -> None:
-        while len(self._results):
-            self._send_results(self._results.get_nowait() for _ in range(len(self._results)))
-        await asyncio.sleep(0)
-
-    def _send_results(self, finished: Any) -> None:
-        keys: list[int] = []
-        flags = bytearray()
-        payloads: list[bytes] = []
-        for task in finished:
-            key = self._keys.pop(task.id, None)
-            if key is None or self._tasks.pop(key, None) is None:
-                continue  # of a broker that no longer counts on it
-            self._started.pop(key, None)  # not reported yet: the result says it started
-            flag, payload = self._outcome(task)
-            keys.append(key)
-            flags.append(flag)
-            payloads.append(payload)
         if keys:
-            self._flush()  # STARTED before the results
             self._send([p.W_RESULTS, p.pack_ids(keys), bytes(flags), *p.pack_parts(payloads)])
 
     def _outcome(self, task: Task) -> tuple[int, bytes]:
