@@ -6,6 +6,7 @@ test, and every wait in them is bounded.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,12 @@ BOUND = 60.0
 
 
 def noop(value: object = None) -> object:
+    return value
+
+
+def log_and_return(logger_name: str, value: int) -> int:
+    """Log ``record <value>`` at WARNING on ``logger_name``; return ``value``."""
+    logging.getLogger(logger_name).warning("record %d", value)
     return value
 
 
