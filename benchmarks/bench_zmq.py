@@ -10,6 +10,15 @@ it up, then times only the work. Every pool has 2 worker processes on this machi
 - Parsl ``HighThroughputExecutor(max_workers_per_node=2)`` on a ``LocalProvider``.
 
 Peers that are not installed are reported as such. Writes ``build/bench-zmq.md``.
+
+**Efficiency** is the share of the pool's capacity that went into the tasks' own work: the CPU
+seconds the 5 ms tasks used (each measures its own, in the thread that runs it) over ``WORKERS``
+times the wall-clock seconds of the run. CPU that the pool's other processes take from the task
+processes, and workers left waiting between tasks, both lower it; a task's CPU time does not depend
+on how busy the machine was when a reference run was timed, so it cannot exceed 100%.
+
+**CPU per task** (taskplex only) is the CPU time each process of the pool used while it ran
+no-op tasks, per task, read with psutil: where the overhead of a task is spent.
 """
 
 from __future__ import annotations
@@ -21,10 +30,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from _tasks import calibrate_spin, noop, spin
 from harness import Candidate, NotInstalled, run_interleaved
@@ -119,17 +131,22 @@ def throughput(n: int, kind: str) -> float:
     return n / seconds
 
 
+def spin_cpu(iterations: int) -> float:
+    """Run ``spin(iterations)``; return the CPU seconds it took in the thread that ran it."""
+    start = time.thread_time()
+    spin(iterations)
+    return time.thread_time() - start
+
+
 def efficiency(n: int, kind: str, iterations: int) -> dict[str, float]:
-    """``n`` CPU-bound tasks of ~5 ms on WORKERS workers, and one such task alone here."""
-    single = statistics.median(_timed(spin, iterations) for _ in range(9))
+    """``n`` CPU-bound tasks of ~5 ms on WORKERS workers: their CPU seconds, and the run's."""
     with open_pool(kind) as submit:
-        for wait in [submit(spin, 1) for _ in range(WARM_UP // 10)]:
+        for wait in [submit(spin_cpu, 1) for _ in range(WARM_UP // 10)]:
             wait()
         start = time.perf_counter()
-        for wait in [submit(spin, iterations) for _ in range(n)]:
-            wait()
+        busy = sum(wait() for wait in [submit(spin_cpu, iterations) for _ in range(n)])
         seconds = time.perf_counter() - start
-    return {"single": single, "seconds": seconds}
+    return {"busy": busy, "seconds": seconds}
 
 
 def latency(n: int, kind: str) -> list[float]:
@@ -145,10 +162,45 @@ def latency(n: int, kind: str) -> list[float]:
     return samples
 
 
-def _timed(function: Callable[..., Any], *args: Any) -> float:
-    start = time.perf_counter()
-    function(*args)
-    return time.perf_counter() - start
+def cpu_per_task(n: int, kind: str) -> dict[str, float]:
+    """Microseconds of CPU per no-op task in each process of a taskplex pool, by its role."""
+    with open_pool(kind) as submit:
+        for wait in [submit(noop, i) for i in range(WARM_UP)]:
+            wait()
+        processes = _pool_processes()
+        before = _cpu_seconds(processes)
+        for wait in [submit(noop, i) for i in range(n)]:
+            wait()
+        after = _cpu_seconds(processes)
+    return {role: 1e6 * (after[role] - before[role]) / n for role in before}
+
+
+def _pool_processes() -> dict[str, list[psutil.Process]]:
+    """This process (the client) and its descendants, by what they do in the pool."""
+    me = psutil.Process()
+    roles: dict[str, list[psutil.Process]] = {"client": [me]}
+    for child in me.children(recursive=True):
+        command = " ".join(child.cmdline())
+        if "taskplex_zmq broker" in command:
+            role = "broker"
+        elif "taskplex_zmq worker" in command:
+            role = "worker host"
+        else:
+            role = "task processes"  # and the fork server they come from
+        roles.setdefault(role, []).append(child)
+    return roles
+
+
+def _cpu_seconds(roles: dict[str, list[psutil.Process]]) -> Counter[str]:
+    used: Counter[str] = Counter()
+    for role, processes in roles.items():
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:  # a task process replaced meanwhile
+                continue
+            used[role] += times.user + times.system
+    return used
 
 
 # ------------------------------------------------------------------ the table
@@ -190,6 +242,10 @@ def main(argv: list[str]) -> int:
         rate = m.median()
         ratio = f"{zmq_rate / rate:.2f}x" if rate and zmq_rate and kind != "zmq" else ""
         lines.append(f"| {KINDS[kind]} | {f'{rate:,.0f}' if rate else m.why_not()} | {ratio} |")
+    if args.repeats > 1 and by_kind["zmq"].ok and by_kind["mp"].ok:
+        rounds = zip(by_kind["zmq"].samples, by_kind["mp"].samples, strict=False)
+        each = ", ".join(f"{z:,.0f} vs {m:,.0f} ({z / m:.2f}x)" for z, m in rounds)
+        lines += ["", f"zmq vs mp in each round: {each}"]
 
     iterations = calibrate_spin(TASK_SECONDS)
     tasks = 200 if args.quick else 2_000
@@ -205,7 +261,7 @@ def main(argv: list[str]) -> int:
     )
     lines += ["", f"### {tasks:,} CPU-bound tasks of ~5 ms", "", "| pool | efficiency |", "|---|---|"]
     for m in measured:
-        value = m.median(lambda s: tasks * s["single"] / WORKERS / s["seconds"])
+        value = m.median(lambda s: s["busy"] / WORKERS / s["seconds"])
         lines.append(f"| {m.candidate.label} | {f'{value:.1%}' if value else m.why_not()} |")
 
     trips = 100 if args.quick else 1_000
@@ -228,6 +284,27 @@ def main(argv: list[str]) -> int:
         samples = sorted(s for sample in m.samples for s in sample)
         p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
         lines.append(f"| {m.candidate.label} | {statistics.median(samples):,.0f} µs | {p99:,.0f} µs |")
+
+    measured = run_interleaved(
+        "zmq-cpu",
+        [Candidate(KINDS[kind], "bench_zmq:cpu_per_task", {"kind": kind}, n) for kind in ("zmq", "mp")],
+        args.repeats,
+    )
+    roles = ("client", "broker", "worker host", "task processes")
+    lines += [
+        "",
+        f"### CPU per no-op task, by process ({n:,} tasks; µs)",
+        "",
+        f"| pool | {' | '.join(roles)} | all |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in measured:
+        if not m.ok:
+            lines.append(f"| {m.candidate.label} | {m.why_not()} | | | | |")
+            continue
+        cells = [m.median(lambda s, role=role: s.get(role, 0.0)) or 0.0 for role in roles]
+        cells.append(m.median(lambda s: sum(s.values())) or 0.0)
+        lines.append(f"| {m.candidate.label} | {' | '.join(f'{c:.1f}' for c in cells)} |")
 
     table = "\n".join(lines)
     print(table)
