@@ -7,6 +7,7 @@ a function can also damage its own result file on purpose.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -112,3 +113,10 @@ def spawn_and_hold(directory: str, name: str) -> str:
     path.with_suffix(".tmp").write_text(str(child.pid))
     path.with_suffix(".tmp").rename(path)
     return hold_with_pid(directory, name)
+
+
+def print_log_and_pid(name: str) -> int:
+    """Print and log a line naming ``name``; the pid of the process that ran it."""
+    print(f"{name} was here", flush=True)
+    logging.getLogger("hpc_tasks").warning("logged by %s", name)
+    return os.getpid()

@@ -7,6 +7,7 @@ tickets waiting, the tickets a pilot claimed), not at the backend's state."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -141,6 +142,24 @@ def test_the_pilot_kills_a_cancelled_task_and_the_processes_it_started(
     wait_until(lambda: not alive(child), "the pilot to kill the process the task started")
     wait_until(future.done, "the task to be reported over")
     assert future.task.status is TaskStatus.CANCELLED
+    # the slot of the killed process runs the next tasks
+    assert [executor.submit(abs, -i).result(BOUND) for i in range(3)] == [0, 1, 2]
+
+
+def test_a_pilot_keeps_its_workers_and_each_task_has_its_own_output_and_log(
+    make_executor: MakeExecutor, caplog: pytest.LogCaptureFixture
+) -> None:
+    executor = make_executor(pack=True, workers=1)
+    with caplog.at_level(logging.WARNING, logger="hpc_tasks"):
+        pids = [executor.submit(hpc_tasks.print_log_and_pid, f"t{i}").result(BOUND) for i in range(5)]
+        with pytest.raises(ValueError, match="last") as failure:
+            executor.submit(hpc_tasks.print_and_fail, "last").result(BOUND)
+    assert len(set(pids)) == 1, f"one slot, yet the tasks ran in processes {sorted(set(pids))}"
+    logged = [record.getMessage() for record in caplog.records if record.name == "hpc_tasks"]
+    assert logged == [f"logged by t{i}" for i in range(5)]
+    notes = "\n".join(getattr(failure.value, "__notes__", []))
+    assert "printed by the job: last" in notes
+    assert "was here" not in notes, "an earlier task's output was attached to this one"
 
 
 def test_cancelling_one_task_of_a_pilot_stops_only_it(make_executor: MakeExecutor, shared: Path) -> None:

@@ -50,11 +50,8 @@ def run_attempt(directory: Path, *, guard: bool = True) -> int:
     """Run the attempt in ``directory``; the exit code of the job (0 once a result is written).
 
     ``guard=False`` where a supervisor of its own watches for ``abort`` and kills this process's
-    group (a pilot job, for the processes it forks), which spares a fork per task.
+    group (a pilot job, for its workers), which spares a fork per task.
     """
-    from taskplex.errors import SerializationError
-    from taskplex.serialization import dumps_exception
-
     try:
         call: dict[str, Any] = pickle.loads(files.read_trusted(directory / files.CALL))
     except (OSError, files.UntrustedFile, pickle.UnpicklingError, EOFError) as exc:
@@ -62,7 +59,20 @@ def run_attempt(directory: Path, *, guard: bool = True) -> int:
         return 3
     sys.path.extend(path for path in call["sys_path"] if path not in sys.path)
     log_fd = os.open(directory / files.LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    _forward_logs(log_fd, call["log_levels"])
+    handler = _forward_logs(log_fd, call["log_levels"])
+    try:
+        return _run_call(directory, call, guard)
+    finally:
+        # a pilot's worker goes on to other attempts: their records go to their own files
+        logging.getLogger().removeHandler(handler)
+        os.close(log_fd)
+
+
+def _run_call(directory: Path, call: dict[str, Any], guard: bool) -> int:
+    """Unpickle the call, say ready, wait for the go, run, write the result."""
+    from taskplex.errors import SerializationError
+    from taskplex.serialization import dumps_exception
+
     try:
         from taskplex.serialization import loads_call
 
@@ -182,33 +192,25 @@ def _wait_for_go(directory: Path, silence: float) -> bool:
     heartbeat, the run directory's ``alive`` file, is older than ``silence`` seconds)."""
     go, abort = directory / files.GO, directory / files.ABORT
     alive = directory.parent / files.ALIVE
-    # the go comes within a poll of the server's: woken by inotify where it can see it, it
-    # costs the task that much and no POLL more
-    watch = watch_directory(directory)
-    try:
-        while not go.exists():
-            if abort.exists() or not directory.is_dir():
-                return False  # withdrawn: aborted, or its directory already removed
-            try:
-                quiet = time.time() - alive.stat().st_mtime
-            except OSError:
-                quiet = float("inf")  # the run directory is gone: the server stopped
-            if quiet > silence:
-                print(
-                    f"taskplex_hpc.job: the server is silent for {quiet:.0f} s; not running",
-                    file=sys.stderr,
-                )
-                return False
-            if watch is None:
-                time.sleep(POLL)
-            else:
-                select.select([watch], [], [], POLL)
-                with contextlib.suppress(BlockingIOError):
-                    os.read(watch, 4096)
-        return True
-    finally:
-        if watch is not None:
-            os.close(watch)
+    # the go comes within a look of the server's: looked for soon, then less and less often
+    # (an inotify watch would see it at once, but closing one costs milliseconds a task)
+    pause = POLL / 16
+    while not go.exists():
+        if abort.exists() or not directory.is_dir():
+            return False  # withdrawn: aborted, or its directory already removed
+        try:
+            quiet = time.time() - alive.stat().st_mtime
+        except OSError:
+            quiet = float("inf")  # the run directory is gone: the server stopped
+        if quiet > silence:
+            print(
+                f"taskplex_hpc.job: the server is silent for {quiet:.0f} s; not running",
+                file=sys.stderr,
+            )
+            return False
+        time.sleep(pause)
+        pause = min(POLL, pause * 1.5)
+    return True
 
 
 def _outcome(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, bytes]:
@@ -230,11 +232,13 @@ def _write_outcome(directory: Path, kind: str, payload: bytes) -> None:
     )
 
 
-def _forward_logs(fd: int, levels: dict[str, int]) -> None:
+def _forward_logs(fd: int, levels: dict[str, int]) -> logging.Handler:
     from taskplex.remote_logging import apply_logger_levels
 
-    logging.getLogger().addHandler(_RecordsToFile(fd))
+    handler = _RecordsToFile(fd)
+    logging.getLogger().addHandler(handler)
     apply_logger_levels(levels)
+    return handler
 
 
 class _RecordsToFile(logging.Handler):

@@ -6,23 +6,26 @@ drops a ticket for it into ``QUEUE`` (a directory of the run directory on the sh
 one per task shape, so that a pilot only takes tasks it was sized for). A ticket is named after
 the attempt's directory and holds the seconds the task may need (its timeout or walltime; 0 when
 unknown). The pilot claims a ticket by renaming it into a directory of its own — a rename
-succeeds for exactly one pilot, so no task runs twice — and runs the attempt at once in a forked
-child process, as a job of its own would (:func:`taskplex_hpc.job.run_attempt`: say it is
-ready, wait for the server's go, run, write the result). The go is what makes a task the server
-cancelled meanwhile never run, and what starts its clock: the server sees the task running
-exactly when it runs. The server drops tickets ahead of free slots, so a slot that frees finds
-its next ticket at once; what a packed task waits for is the go, for which the server looks
-often while packed tasks come and go.
+succeeds for exactly one pilot, so no task runs twice — and hands the attempt's directory to an
+idle worker, a process the pilot forked once and keeps, as the mp backend keeps its workers. The
+worker runs the attempt as a job of its own would (:func:`taskplex_hpc.job.run_attempt`: say it
+is ready, wait for the server's go, run, write the result), with its output in the attempt's own
+file, and reports back over a pipe. The go is what makes a task the server cancelled meanwhile
+never run, and what starts its clock: the server sees the task running exactly when it runs. The
+server drops tickets ahead of free slots, so a slot that frees finds its next ticket at once;
+what a packed task waits for is the go, for which the server looks often while tasks come and go.
 
-Supervision: at most SLOTS children at once, each leading a process group of its own. The pilot
-sleeps in the kernel until a child ends (a pidfd per child), a ticket arrives (inotify on the
-queue, where the filesystem reports it) or POLL passes; then it reaps, kills the group of any
-child whose attempt has an ``abort`` file (or lost its directory), and claims tickets for free
-slots. A child that ends without writing a result (killed, crashed) gets an ``exit`` file saying
-how it ended, which the server turns into WorkerLost.
+Supervision: at most SLOTS attempts at once, each worker leading a process group of its own. The
+pilot sleeps in the kernel until a worker reports or dies (a pipe and a pidfd each), a ticket
+arrives (inotify on the queue, where the filesystem reports it) or POLL passes; then it collects
+reports, kills the group of any worker whose attempt has an ``abort`` file (or lost its
+directory), and claims tickets for free slots. A killed worker is replaced by a fresh one when a
+slot needs it. An attempt whose process ended without writing a result (killed, crashed) gets an
+``exit`` file saying how it ended, which the server turns into WorkerLost.
+
 Draining: a ticket whose time does not fit in what is left of WALLTIME (less a margin) is left
-for another pilot, and when no ticket fits the pilot stops claiming, waits for its children and
-exits before Slurm would end it. A pilot with no children and no ticket for IDLE seconds exits.
+for another pilot, and when no ticket fits the pilot stops claiming, waits for its attempts and
+exits before Slurm would end it. A pilot with no attempt and no ticket for IDLE seconds exits.
 
 Nothing goes over the network: compute nodes only need the shared filesystem.
 """
@@ -35,6 +38,7 @@ import select
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -62,6 +66,22 @@ def main() -> NoReturn:
     os._exit(code)
 
 
+@dataclass(eq=False)
+class _Worker:
+    """A process of the pilot that runs attempts one after another (forked once, kept)."""
+
+    pid: int
+    orders: int
+    """Write end of a pipe: the directory of the next attempt to run."""
+    reports: int
+    """Read end of a pipe: the exit code of each attempt, once it is over."""
+    pidfd: int | None
+    """Readable once the process ended (where Linux has pidfds)."""
+    directory: Path | None = None
+    """The attempt it runs now."""
+    killed: bool = False
+
+
 class Pilot:
     """Claims tickets from ``queue`` and runs their attempts, ``slots`` at a time."""
 
@@ -73,40 +93,39 @@ class Pilot:
         self.idle = idle
         self.job_id = os.environ.get("SLURM_JOB_ID", str(os.getpid()))
         self.claimed = files.make_private_directory(queue.parent / f"{files.CLAIMED}{self.job_id}")
-        self.children: dict[int, Path] = {}
-        self.pidfds: dict[int, int] = {}
-        """Child pid -> a descriptor that becomes readable when it ends (where Linux has them)."""
-        self.killed: set[int] = set()
+        self.workers: dict[int, _Worker] = {}
         self.watch = watch_directory(queue)
+
+    @property
+    def busy(self) -> int:
+        return sum(worker.directory is not None for worker in self.workers.values())
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._terminate)
         last_busy = time.monotonic()
         draining = False
         while True:
-            self._reap()
+            self._collect()
             self._stop_aborted()
             now = time.monotonic()
-            hungry = not draining and len(self.children) < self.slots
+            hungry = not draining and self.busy < self.slots
             if hungry:
                 draining = not self._claim(self.deadline - now)
-                hungry = not draining and len(self.children) < self.slots
-            if self.children:
+                hungry = not draining and self.busy < self.slots
+            if self.busy:
                 last_busy = now
             elif draining or now - last_busy > self.idle or not self.queue.is_dir():
                 return 0
             self._wait(hungry)
 
     def _wait(self, hungry: bool) -> None:
-        """Sleep until a child ends, a ticket may have arrived (if slots are free), or POLL."""
-        descriptors = list(self.pidfds.values())
+        """Sleep until an attempt ends, a worker dies, a ticket may have arrived (if slots are
+        free), or POLL passes (a worker without a pidfd, a queue without inotify)."""
+        descriptors = [worker.reports for worker in self.workers.values() if worker.directory]
+        descriptors += [worker.pidfd for worker in self.workers.values() if worker.pidfd is not None]
         if hungry and self.watch is not None:
             descriptors.append(self.watch)
-        # a child without a pidfd, or a queue without inotify: POLL bounds the wait
-        if descriptors:
-            select.select(descriptors, [], [], POLL)
-        else:
-            time.sleep(POLL)
+        select.select(descriptors, [], [], POLL)
         if self.watch is not None:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.watch, 65536)
@@ -122,7 +141,7 @@ class Pilot:
             self._drain()
             return False
         for ticket in tickets:
-            if len(self.children) >= self.slots:
+            if self.busy >= self.slots:
                 break
             try:
                 need = float(files.read_trusted(self.queue / ticket) or b"0")
@@ -144,72 +163,119 @@ class Pilot:
             files.touch(self.queue.parent / f"{files.DRAINING}{self.job_id}")
 
     def _start(self, directory: Path) -> None:
+        idle = (w for w in self.workers.values() if w.directory is None and not w.killed)
+        worker = next(idle, None) or self._fork_worker()
+        worker.directory = directory
+        with contextlib.suppress(OSError):  # it died idle; _collect writes the exit file
+            os.write(worker.orders, os.fsencode(directory))
+
+    def _fork_worker(self) -> _Worker:
+        orders_read, orders = os.pipe()
+        reports, reports_write = os.pipe()
         pilot = os.getpid()
         pid = os.fork()
         if pid == 0:
-            code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 die_with(pilot)
                 # a group of its own, which the pilot kills on abort (with the task's processes)
                 os.setpgid(0, 0)
-                for descriptor in [*self.pidfds.values(), self.watch]:
-                    if descriptor is not None:
-                        os.close(descriptor)
-                os.chdir(directory)
-                # the attempt's own output file, whose tail the server attaches to failures
-                output = os.open(directory / files.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                os.dup2(output, 1)
-                os.dup2(output, 2)
-                os.close(output)
-                code = run_attempt(directory, guard=False)
-                for stream in (sys.stdout, sys.stderr):
-                    with contextlib.suppress(OSError, ValueError):
-                        stream.flush()
+                os.close(orders)
+                os.close(reports)
+                for other in self.workers.values():
+                    for descriptor in (other.orders, other.reports, other.pidfd):
+                        if descriptor is not None:
+                            os.close(descriptor)
+                if self.watch is not None:
+                    os.close(self.watch)
+                _serve(orders_read, reports_write)
             finally:
-                os._exit(code)
-        # also here: an abort may come before the child has made its group
+                os._exit(1)
+        os.close(orders_read)
+        os.close(reports_write)
+        # also here: an abort may come before the worker has made its group
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
-        self.children[pid] = directory
+        pidfd = None
         with contextlib.suppress(OSError, AttributeError):  # Linux >= 5.3 has them
-            self.pidfds[pid] = os.pidfd_open(pid)
+            pidfd = os.pidfd_open(pid)
+        worker = _Worker(pid, orders, reports, pidfd)
+        self.workers[pid] = worker
+        return worker
 
-    def _reap(self) -> None:
-        for pid, directory in list(self.children.items()):
+    def _collect(self) -> None:
+        """Take the reports of attempts that ended, and bury workers that died."""
+        for worker in list(self.workers.values()):
+            if worker.directory is not None:
+                ready, _, _ = select.select([worker.reports], [], [], 0)
+                if ready:
+                    report = os.read(worker.reports, 64)
+                    if report:
+                        code = report.decode().strip()
+                        self._over(worker.directory, f"gave up without a result (code {code})")
+                        worker.directory = None
             try:
-                done, status = os.waitpid(pid, os.WNOHANG)
+                done, status = os.waitpid(worker.pid, os.WNOHANG)
             except ChildProcessError:
-                done, status = pid, 0
+                done, status = worker.pid, 0
             if done == 0:
                 continue
-            del self.children[pid]
-            self.killed.discard(pid)
-            pidfd = self.pidfds.pop(pid, None)
-            if pidfd is not None:
-                os.close(pidfd)
-            if not (directory / files.RESULT).exists():
-                with contextlib.suppress(OSError):
-                    files.write_atomically(directory / files.EXIT, _describe(status).encode())
+            del self.workers[worker.pid]
+            for descriptor in (worker.orders, worker.reports, worker.pidfd):
+                if descriptor is not None:
+                    os.close(descriptor)
+            if worker.directory is not None:
+                self._over(worker.directory, _describe(status))
+
+    def _over(self, directory: Path, how: str) -> None:
+        """Say how an attempt's process ended, where it wrote no result."""
+        if not (directory / files.RESULT).exists():
+            with contextlib.suppress(OSError):
+                files.write_atomically(directory / files.EXIT, how.encode())
 
     def _stop_aborted(self) -> None:
-        """Kill the process group of each child whose attempt the server aborted (or removed)."""
-        for pid, directory in self.children.items():
-            if pid in self.killed:
+        """Kill the process group of each worker whose attempt the server aborted (or removed)."""
+        for worker in self.workers.values():
+            directory = worker.directory
+            if directory is None or worker.killed:
                 continue
             if (directory / files.ABORT).exists() or not directory.is_dir():
-                self.killed.add(pid)
+                worker.killed = True
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
+                    os.killpg(worker.pid, signal.SIGKILL)
 
     def _terminate(self, signum: int, frame: object) -> None:
-        # scancel: the children go with their pilot (each leads its own process group)
-        for pid in self.children:
+        # scancel: the workers go with their pilot (each leads its own process group)
+        for pid in self.workers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         os._exit(128 + signum)
+
+
+def _serve(orders: int, reports: int) -> None:
+    """A worker's life: run the attempt of each directory the pilot sends, report its end code."""
+    while True:
+        order = os.read(orders, 65536)
+        if not order:
+            return  # the pilot is done with it
+        directory = Path(os.fsdecode(order))
+        code = 1
+        try:
+            os.chdir(directory)
+            # the attempt's own output file, whose tail the server attaches to failures
+            output = os.open(directory / files.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(output, 1)
+            os.dup2(output, 2)
+            os.close(output)
+            code = run_attempt(directory, guard=False)
+        except Exception as exc:  # its directory vanished: the server wants nothing of it now
+            print(f"taskplex_hpc.pilot: {directory}: {exc}", file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os.write(reports, b"%d\n" % code)
 
 
 def _describe(status: int) -> str:
