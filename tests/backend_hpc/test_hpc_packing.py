@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import hpc_tasks
@@ -37,6 +38,20 @@ def claimed_tickets(workdir: Path) -> list[Path]:
 def ready(ticket: Path) -> bool:
     """Whether the task of a claimed ticket said it is ready (its ``started`` file)."""
     return (ticket.parent.parent / ticket.name / "started").exists()
+
+
+def assert_never_runs(
+    executor: taskplex.Executor, shared: Path, blocker: Future[str], cancelled: Future[str]
+) -> None:
+    """Release the blocker; once its slot has run another task, the cancelled task (a
+    :func:`hpc_tasks.hold`) can no longer start: it never did."""
+    (shared / "blocker.release").touch()
+    assert blocker.result(BOUND) == "blocker"
+    assert executor.submit(abs, -1).result(BOUND) == 1
+    assert isinstance(cancelled, taskplex.TaskFuture)
+    assert cancelled.task.status is TaskStatus.CANCELLED
+    name = cancelled.task.args[1]
+    assert not (shared / f"{name}.started").exists(), f"{name} ran although cancelled"
 
 
 def test_many_tasks_share_a_pilot(make_executor: MakeExecutor) -> None:
@@ -94,12 +109,7 @@ def test_a_ticket_waits_ahead_of_a_busy_slot_and_once_cancelled_never_runs(
     assert ahead.task.status is TaskStatus.QUEUED
     assert ahead.task.cancel() is True
     wait_until(lambda: waiting_tickets(workdir) == [], "the cancelled task's ticket to be withdrawn")
-    (shared / "blocker.release").touch()
-    assert blocker.result(BOUND) == "blocker"
-    # the slot that freed has taken the next ticket: the withdrawn one can no longer start
-    assert executor.submit(abs, -1).result(BOUND) == 1
-    assert ahead.task.status is TaskStatus.CANCELLED
-    assert not (shared / "ahead.started").exists()
+    assert_never_runs(executor, shared, blocker, ahead)
 
 
 def test_a_task_claimed_beyond_workers_waits_for_its_go_and_once_cancelled_never_runs(
@@ -118,11 +128,7 @@ def test_a_task_claimed_beyond_workers_waits_for_its_go_and_once_cancelled_never
     assert not (shared / "claimed.started").exists(), "two tasks ran at once with workers=1"
     assert claimed.task.status is TaskStatus.QUEUED
     assert claimed.task.cancel() is True
-    (shared / "blocker.release").touch()
-    assert blocker.result(BOUND) == "blocker"
-    assert executor.submit(abs, -1).result(BOUND) == 1
-    assert claimed.task.status is TaskStatus.CANCELLED
-    assert not (shared / "claimed.started").exists()
+    assert_never_runs(executor, shared, blocker, claimed)
 
 
 def test_the_pilot_kills_a_cancelled_task_and_the_processes_it_started(

@@ -654,8 +654,6 @@ class HPCBackend(Backend):
             await self._start_pilots(bound)
         return bool(go or over)
 
-    # ------------------------------------------------------------------ pilots (packed)
-
     async def _look_at_queue(self, bound: float) -> dict[int, str] | None:
         """One squeue for all of this server's jobs, noting those gone; None if it failed."""
         context = self._context
@@ -684,6 +682,8 @@ class HPCBackend(Backend):
         if self.options.pack:
             await self._pilots_gone([p for p in self._pilots if p in gone], bound)
         return queued
+
+    # ------------------------------------------------------------------ pilots (packed)
 
     async def _pilots_gone(self, gone: list[int], bound: float) -> None:
         """Give back what pilots that ended had claimed but not started (their tickets)."""
@@ -723,7 +723,8 @@ class HPCBackend(Backend):
             slots = self._pilot_slots(task)
             # tickets dropped ahead wait for slots that free; more pilots than `workers` can
             # keep busy would only hold an allocation each
-            wanted = -(-min(len(jobs), max(1, self._context.workers // self.slots(task))) // slots)
+            needed = min(len(jobs), max(1, self._context.workers // self.slots(task)))
+            wanted = -(-needed // slots)
             have = sum(
                 1
                 for job_id, served in self._pilots.items()
