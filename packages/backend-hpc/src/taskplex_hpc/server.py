@@ -944,7 +944,8 @@ class HPCServer(TaskServer):
 
     Packing: with ``pack=True`` tasks do not get a job each; the server starts pilot jobs of
     ``pilot_cores`` CPUs (default ``workers``) and ``pilot_walltime`` that take tasks from the
-    shared ``workdir`` and run them side by side, each in a process of its own; a pilot starts no
+    shared ``workdir`` and run them side by side in worker processes they keep (as mp's are
+    kept; a worker whose task is cancelled is killed and replaced); a pilot starts no
     task that cannot finish in its remaining time, and exits after ``pilot_idle`` seconds
     without work. Tasks with different cores, memory or gpus get pilots sized for them.
     """
