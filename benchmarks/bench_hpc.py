@@ -7,7 +7,10 @@ Needs a Slurm (``.ci/setup-slurm``). One run of each candidate, each in a fresh 
   task with ``prefetch=workers`` (jobs submitted ahead, waiting for a free slot);
 - ropt 0.28.1 ``HPCServer`` with a submission template of its own;
 - executorlib's ``SlurmClusterExecutor`` (one job per function, through pysqa);
-- taskplex mp with the same number of workers, for the time per task inside a pilot.
+- taskplex mp with the same number of workers, and a pilot alone (no Slurm, no server: its
+  tickets and go files written beforehand, ``workers`` slots), for the time per task inside a
+  pilot: the pilot's wall time from start to the last result over the number of tasks, against
+  the mp backend's total time over the number of tasks.
 
 ropt and executorlib run with this interpreter where it has them (``nox -s bench`` installs
 ``ropt==0.28.1`` and ``executorlib``; executorlib also needs ``h5py``), or with
@@ -75,6 +78,39 @@ def run_taskplex(
             if future.task.started_at is not None and future.task.finished_at is not None
         ]
     return {"total": total, "first": first, "per_task": sum(inside) / len(inside)}
+
+
+def run_pilot_alone(tasks: int, workers: int, workdir: Path) -> dict[str, Any]:
+    """A pilot on tickets written beforehand, each with its go: what the pilot costs a task."""
+    import pickle
+
+    from taskplex.serialization import dumps_call
+    from taskplex_hpc import files
+    from taskplex_hpc.pilot import Pilot
+
+    run = files.make_private_directory(workdir / "run")
+    files.touch(run / files.ALIVE)
+    queue = files.make_private_directory(run / f"{files.QUEUE}1c-0m-0g")
+    directories = []
+    for i in range(1, tasks + 1):
+        directory = files.make_private_directory(run / str(i))
+        function, arguments = dumps_call(noop, (i,), {})
+        call = {
+            "sys_path": sys.path,
+            "log_levels": {},
+            "function": function,
+            "arguments": arguments,
+            "server_silence": 120.0,
+        }
+        files.write_atomically(directory / files.CALL, pickle.dumps(call))
+        files.write_atomically(directory / files.GO, b"")
+        files.write_atomically(queue / str(i), b"0")
+        directories.append(directory)
+    started = time.time()
+    Pilot(queue, workers, 3600.0, 0.2).run()
+    ends = [(directory / files.RESULT).stat().st_mtime for directory in directories]
+    first, last = min(ends) - started, max(ends) - started
+    return {"total": last, "first": first, "per_task": last / tasks}
 
 
 def taskplex_completed(futures: list[Any]) -> Any:
@@ -146,6 +182,8 @@ def child(name: str, tasks: int, workers: int, workdir: Path) -> dict[str, Any]:
         return run_taskplex("hpc", tasks, workers, workdir, prefetch=workers)
     if name == "mp":
         return run_taskplex("mp", tasks, workers, workdir)
+    if name == "pilot-alone":
+        return run_pilot_alone(tasks, workers, workdir)
     if name == "ropt":
         return run_ropt(tasks, workers, workdir)
     if name == "executorlib":
@@ -212,16 +250,26 @@ def render(results: dict[str, dict[str, Any]], tasks: int, workers: int) -> str:
             continue
         calls = outcome.get("calls", {})
         total = outcome["total"]
-        ratio = f"{total / packed:.1f}" if packed and name != "hpc-packed" else ""
+        compared = name.startswith(("hpc-per-task", "ropt", "executorlib"))
+        ratio = f"{total / packed:.1f}" if packed and compared else ""
         counts = " | ".join(str(calls.get(command, 0)) for command in COMMANDS)
         rate, first = tasks / total, outcome["first"]
         lines.append(f"| {name} | {total:.1f} | {rate:.1f} | {first:.2f} | {ratio} | {counts} |")
-    if "per_task" in results.get("hpc-packed", {}) and "per_task" in results.get("mp", {}):
-        inside, local = results["hpc-packed"]["per_task"], results["mp"]["per_task"]
+    if "per_task" in results.get("hpc-packed", {}):
+        seen = results["hpc-packed"]["per_task"]
         lines += [
             "",
-            f"Time per task from start to result, inside a pilot: {inside * 1000:.1f} ms; "
-            f"in the mp backend: {local * 1000:.1f} ms ({inside / local:.1f}x).",
+            f"A packed task's run as the server sees it (started to result): {seen * 1000:.1f} ms "
+            "on average, which includes the wait for the server's next look.",
+        ]
+    if "total" in results.get("pilot-alone", {}) and "total" in results.get("mp", {}):
+        inside = results["pilot-alone"]["total"] / tasks
+        local = results["mp"]["total"] / tasks
+        lines += [
+            "",
+            f"Time per task inside a pilot ({workers} slots, wall time to the last result over "
+            f"{tasks} tasks): {inside * 1000:.2f} ms; in the mp backend ({workers} workers, total "
+            f"over {tasks} tasks): {local * 1000:.2f} ms ({inside / local:.1f}x).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -253,6 +301,7 @@ def main(argv: list[str]) -> int:
         "ropt": args.peers_python or installed_here("ropt"),
         "executorlib": args.peers_python or installed_here("executorlib", "h5py"),
         "mp": sys.executable,
+        "pilot-alone": sys.executable,
     }
     results: dict[str, dict[str, Any]] = {}
     for name, python in candidates.items():
