@@ -34,6 +34,10 @@ the backend can (``cancel_running``). Either way the backend then reports it ove
 
 **Capabilities.** A backend declares what it can do in :class:`~taskplex.server.Capabilities`; the
 conformance suite gates its tests on them. They may depend on the options a backend was built with.
+
+**Without a scheduler.** A program that schedules by itself — a relay such as the zmq worker host,
+which runs what a broker already scheduled — drives a backend through a :class:`Runner` (defined
+in :mod:`taskplex.runner`) instead: the same handles and context, with no policy at all.
 """
 
 from __future__ import annotations
@@ -47,13 +51,14 @@ import inspect
 import threading
 import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from taskplex.errors import TaskCancelled
 from taskplex.server import Capabilities
 
 if TYPE_CHECKING:
-    from taskplex.scheduler import TaskServer
+    from taskplex._supervision import Supervision
+    from taskplex.runner import Runner
     from taskplex.task import Task
 
 __all__ = [
@@ -62,6 +67,7 @@ __all__ = [
     "BackendContext",
     "Capabilities",
     "CoroutineBackend",
+    "Runner",
     "current_attempt",
     "is_coroutine_function",
     "run_in_attempt",
@@ -81,6 +87,44 @@ current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar
 :func:`run_in_attempt`). A task that waits there for other tasks lends its slots meanwhile."""
 
 
+def __getattr__(name: str) -> object:
+    # the Runner's module imports this one: it is imported when first asked for
+    if name == "Runner":
+        from taskplex.runner import Runner
+
+        return Runner
+    raise AttributeError(f"module 'taskplex.backend' has no attribute {name!r}")
+
+
+class _Driver(Protocol):
+    """What the handles of this module call, inside core: a TaskServer, or a Runner."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+
+    @property
+    def workers(self) -> int: ...
+
+    def _attempt_started(self, attempt: Attempt, worker: str | None) -> None: ...
+
+    def _attempt_over(
+        self, attempt: Attempt, result: Any, error: BaseException | None, worker: str | None
+    ) -> None: ...
+
+    def _attempt_given_back(self, attempt: Attempt) -> None: ...
+
+    def _lend(self, attempt: Attempt) -> None: ...
+
+    def _reclaim(self, attempt: Attempt, wake: Callable[[], None]) -> None: ...
+
+    @property
+    def _supervision(self) -> Supervision: ...
+
+    def _set_prefetch(self, slots: int) -> None: ...
+
+    def _fail(self, error: BaseException, where: str) -> None: ...
+
+
 class Attempt:
     """One attempt to run a task, and the handle its backend reports through (any thread).
 
@@ -90,6 +134,7 @@ class Attempt:
     """
 
     __slots__ = (
+        "_aborted",
         "_deadline",
         "_lent",
         "_over_gate",
@@ -105,11 +150,10 @@ class Attempt:
         "task",
     )
 
-    def __init__(
-        self, server: TaskServer, task: Task, attempt_id: int, slots: int, payload: Any
-    ) -> None:
+    def __init__(self, server: _Driver, task: Task, attempt_id: int, slots: int, payload: Any) -> None:
         self._server = server
         self._state = LAUNCHED
+        self._aborted = False  # set by a Runner: a TaskServer finishes the task before it aborts
         self._start_gate = [LAUNCHED]
         self._over_gate = [LAUNCHED]
         self._started_here = False
@@ -130,7 +174,7 @@ class Attempt:
     def wanted(self) -> bool:
         """False once the server no longer wants this attempt's outcome (cancelled, timed out,
         withdrawn, stopping); a backend may skip work for it, but must still report it over."""
-        return self._state in (LAUNCHED, STARTED) and not self.task.done()
+        return self._state in (LAUNCHED, STARTED) and not self._aborted and not self.task.done()
 
     def started(self, worker: str | None = None) -> bool:
         """Report that the attempt's work began (``worker`` says where); safe from any thread.
@@ -214,7 +258,7 @@ class BackendContext:
     Valid from :meth:`Backend.start` until :meth:`Backend.stop` returns.
     """
 
-    def __init__(self, server: TaskServer) -> None:
+    def __init__(self, server: _Driver) -> None:
         self._server = server
 
     @property
@@ -240,8 +284,9 @@ class BackendContext:
         It is cancelled after :meth:`Backend.stop`. If it raises, the server stops cleanly: every
         task not yet finished fails with a :class:`~taskplex.errors.BackendError` naming the loop
         and carrying the exception, and the error is logged; nothing reaches the caller's task group.
+        (Under a :class:`~taskplex.runner.Runner`, every live attempt is reported over with it.)
         """
-        return self._server._spawn(coroutine, name)
+        return self._server._supervision.spawn(self.loop, coroutine, name)
 
     async def run_blocking(self, function: Callable[..., T], /, *args: Any, timeout: float) -> T:
         """Call a blocking ``function(*args)`` (sbatch, squeue, a spawn) off the event loop.
@@ -249,7 +294,7 @@ class BackendContext:
         Raises :class:`~taskplex.errors.BackendError` if it has not returned within ``timeout``
         seconds (the thread is left to finish on its own). Its own exceptions propagate.
         """
-        return await self._server._run_blocking(function, args, timeout)
+        return await self._server._supervision.run_blocking(function, args, timeout)
 
     def set_prefetch(self, slots: int) -> None:
         """Let the server launch attempts holding up to ``slots`` more than ``workers``.

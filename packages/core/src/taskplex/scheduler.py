@@ -33,17 +33,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 from taskplex import plugins
 from taskplex._foreign import ForeignTasks, is_foreign_task
+from taskplex._supervision import Supervision
 from taskplex.backend import (
     LAUNCHED,
     OVER,
@@ -75,7 +74,6 @@ __all__ = ["ServerStats", "TaskServer", "check_int"]
 
 logger = logging.getLogger("taskplex.server")
 
-T = TypeVar("T")
 
 _NEW, _STARTING, _RUNNING, _STOPPING, _STOPPED = "new", "starting", "running", "stopping", "stopped"
 
@@ -84,8 +82,6 @@ ABORT_GRACE = 30.0
 attempts over, before it stops the backend anyway (and logs which attempts never reported)."""
 STOP_TIMEOUT = 120.0
 """Seconds a backend's stop() may take before the server gives up on it (and says so)."""
-BLOCKING_THREADS = 4
-"""Threads per server for :meth:`BackendContext.run_blocking` calls."""
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -160,8 +156,7 @@ class TaskServer(Server):
         self._attempts_over = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
         self._stopped: asyncio.Future[None] | None = None
-        self._loops: set[asyncio.Task[Any]] = set()
-        self._blocking: ThreadPoolExecutor | None = None
+        self._supervision = Supervision(self._fail)
         self._hook_submitted: Callable[..., Any] | None = None
         self._hook_started: Callable[..., Any] | None = None
         self._hook_finished: Callable[..., Any] | None = None
@@ -237,7 +232,6 @@ class TaskServer(Server):
         self._stopped = loop.create_future()
         plugins.load_plugins()
         self._snapshot_hooks()
-        self._blocking = None
         self._state = _STARTING
         try:
             if self._journal is not None:
@@ -247,7 +241,7 @@ class TaskServer(Server):
                 raise self.failure
         except BaseException:
             # leave the server stopped, so that a cleanup's stop() returns instead of waiting
-            await _shielded(self._close_blocking_and_loops())
+            await _shielded(self._supervision.close())
             self._state = _STOPPED
             self._stopped.set_result(None)
             raise
@@ -968,7 +962,7 @@ class TaskServer(Server):
             reclaiming, self._reclaiming = self._reclaiming, collections.deque()
             for _, wake in reclaiming:
                 wake()
-            await self._close_blocking_and_loops()
+            await self._supervision.close()
             if self._journal is not None:
                 # every outcome on disk before stop returns; off the loop, bounded
                 await asyncio.to_thread(self._journal.close, STOP_TIMEOUT)
@@ -999,16 +993,6 @@ class TaskServer(Server):
                 list(self._attempts.values())[:5],
             )
 
-    async def _close_blocking_and_loops(self) -> None:
-        loops, self._loops = self._loops, set()
-        for task in loops:
-            task.cancel()
-        if loops:
-            await asyncio.gather(*loops, return_exceptions=True)
-        pool, self._blocking = self._blocking, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-
     def _pending_tasks(self) -> list[Task]:
         pending = list(self._ready)
         self._ready.clear()
@@ -1029,35 +1013,6 @@ class TaskServer(Server):
         return pending
 
     # ================================================================== the backend's context
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        assert self._loop is not None
-        task = self._loop.create_task(self._supervise(coroutine, name), name=name)
-        self._loops.add(task)
-        task.add_done_callback(self._loops.discard)
-        return task
-
-    async def _supervise(self, coroutine: Coroutine[Any, Any, Any], name: str) -> Any:
-        try:
-            return await coroutine
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self._fail(exc, f"its background loop {name!r}")
-            return None
-
-    async def _run_blocking(
-        self, function: Callable[..., T], args: tuple[Any, ...], timeout: float
-    ) -> T:
-        loop = asyncio.get_running_loop()
-        if self._blocking is None:
-            self._blocking = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="taskplex-blocking")
-        running = loop.run_in_executor(self._blocking, functools.partial(function, *args))
-        try:
-            return await asyncio.wait_for(running, timeout)
-        except TimeoutError:
-            name = getattr(function, "__qualname__", repr(function))
-            raise BackendError(f"{name} did not return within {timeout} s") from None
 
     # ================================================================== lending slots
 
