@@ -1,7 +1,7 @@
 """What a worker host's task processes run: a call that arrived as bytes, answered as bytes.
 
 The worker host hands :func:`run_call` the two pickled frames of a call exactly as the client
-sent them; it runs in a process of the host's mp server, which supervises it. The worker host
+sent them; it runs in a task process of the host's mp backend, which supervises it. The worker host
 itself never unpickles the user's function, arguments, result or exception: it forwards bytes.
 """
 

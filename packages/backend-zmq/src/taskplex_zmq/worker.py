@@ -3,15 +3,18 @@
 Data flow, all on one event loop::
 
     broker ── TASKS keys + payloads ──► Task(run_call, key, function, arguments)
-                                          │ accept + enqueue on a MultiprocessingServer
+                                          │ launched at once through a Runner
                                           ▼ (the mp backend: supervised task processes)
-    broker ◄── STARTED keys, pids ◄── taskplex_task_started hook          ┐ gathered, sent
-    broker ◄── LOGS keys, records ◄── a logging handler (by task key)     │ once per turn of
-    broker ◄── RESULTS keys, flags, payloads ◄── the tasks' _Finished queue ┘ the loop, in order
+    broker ◄── STARTED keys, pids ◄── on_started                           ┐ gathered, sent
+    broker ◄── LOGS keys, records ◄── a logging handler (by task key)      │ once per turn of
+    broker ◄── RESULTS keys, flags, payloads ◄── on_over, on_given_back    ┘ the loop, in order
 
-The host runs the mp backend through its public API, so a task process that dies is noticed and
-reported (WorkerLost, which the client retries within the task's ``retries``), CANCEL stops work
-by killing the process that runs it, and nothing a task started outlives the host.
+The broker and the clients have already scheduled, retried and timed every task, so the host
+drives the mp backend without a scheduler of its own, through a
+:class:`taskplex.backend.Runner`: a task process that dies is noticed and reported (WorkerLost,
+which the client retries within the task's ``retries``), CANCEL stops work by killing the process
+that runs it, and nothing a task started outlives the host. The mp backend runs ``processes``
+tasks at a time and holds the others the broker prefetched to the host.
 
 The host pings the broker every ``heartbeat`` seconds. If the broker is silent for ``heartbeat *
 liveness`` seconds, or turns out to be a new broker (another incarnation), the tasks of the old
@@ -33,12 +36,12 @@ from typing import Any, cast
 
 import zmq
 
-import taskplex
-from taskplex import ResultsQueue, Task, TaskStatus, plugins
-from taskplex.errors import TaskCancelled, WorkerLost
+from taskplex import Task
+from taskplex.backend import Attempt, Runner
+from taskplex.errors import BackendError, ServerNotRunning, TaskCancelled
 from taskplex.remote_logging import apply_logger_levels, pack_record
 from taskplex.serialization import dumps_exception
-from taskplex_mp import MultiprocessingServer
+from taskplex_mp import MultiprocessingBackend
 from taskplex_zmq import _protocol as p
 from taskplex_zmq.task_call import KEY_ATTRIBUTE, run_call
 
@@ -49,7 +52,7 @@ logger = logging.getLogger("taskplex.zmq.worker")
 REHELLO = 10
 """Silences (``heartbeat * liveness``) without a WELCOME after which a HELLO is sent again."""
 _TASK_PROCESS = re.compile(r"pid (\d+)")
-"""How the mp backend names the process that runs a task (``Task.worker``)."""
+"""How the mp backend names the process that runs a task (the ``worker`` of its reports)."""
 
 
 def _readable(socket: zmq.Socket[bytes]) -> bool:
@@ -72,21 +75,6 @@ class _KeyedRecords(logging.Handler):
         key = getattr(record, KEY_ATTRIBUTE, None)
         if isinstance(key, int):
             self._collect(key, pack_record(record))
-
-
-class _Finished(ResultsQueue):
-    """The results queue of the host's tasks: hands each finished task to the host at once.
-
-    The server delivers on its loop, where the host gathers what a turn of the loop finished and
-    sends it in one message; no reader task, lock or wake-up per batch is needed.
-    """
-
-    def __init__(self, deliver: Callable[[Task], None]) -> None:
-        super().__init__()
-        self._deliver = deliver
-
-    def put(self, task: Task) -> None:
-        self._deliver(task)
 
 
 class WorkerHost:
@@ -112,12 +100,18 @@ class WorkerHost:
         self.name = name or default_name()
         self.heartbeat = heartbeat
         self.liveness = liveness
-        self.server = MultiprocessingServer(workers=processes)
-        self._results = _Finished(self._finished)
-        self._tasks: dict[int, Task] = {}  # key -> the task running it (its args begin with the key)
+        self.runner = Runner(
+            MultiprocessingBackend(),
+            workers=processes,
+            on_started=self._on_started,
+            on_over=self._on_over,
+            on_given_back=self._on_given_back,
+        )
+        self._attempts: dict[int, Attempt] = {}  # key -> the attempt running it (its task's args[0])
+        self._cancelled: set[int] = set()  # keys the broker cancelled, not yet reported
         self._started: dict[int, int] = {}  # key -> pid of its task process, not yet reported
         self._logs: list[tuple[int, bytes]] = []
-        self._done: list[Task] = []  # finished, not yet reported
+        self._results: list[tuple[int, int, bytes]] = []  # key, flag, payload; not yet reported
         self._flush_scheduled = False
         self._incarnation: bytes | None = None
         self._joined = False  # the broker welcomed the last HELLO
@@ -125,33 +119,34 @@ class WorkerHost:
         self._heard = time.monotonic()
         self._levels: dict[str, int] | None = None
         self._stopping = False
+        self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ================================================================== running
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; then stop every task and report it to the broker."""
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        self._stop = stop
         handler = _KeyedRecords(self._collect_log)
         root = logging.getLogger()
         root.addHandler(handler)
-        plugin_name = f"taskplex-zmq-worker-{id(self)}"
-        plugins.register_plugin(self, plugin_name)
         fd = self.socket.fileno()
         try:
             async with asyncio.TaskGroup() as group:
-                await self.server.start(group)
-                self._loop.add_reader(fd, self._readable)
-                self._hello()
-                beat = group.create_task(self._beat())
-                await stop.wait()
-                self._stopping = True
-                await self.server.stop()
-                self._flush()
-                beat.cancel()
+                await self.runner.start()
+                try:
+                    loop.add_reader(fd, self._readable)
+                    self._hello()
+                    beat = group.create_task(self._beat())
+                    await stop.wait()
+                    beat.cancel()
+                finally:
+                    self._stopping = True
+                    await self.runner.stop()
+                    self._flush()
         finally:
-            self._loop.remove_reader(fd)
-            plugins.pm.unregister(name=plugin_name)
+            loop.remove_reader(fd)
             root.removeHandler(handler)
 
     def _hello(self) -> None:
@@ -186,9 +181,10 @@ class WorkerHost:
                 self._take(frames)
         elif kind == p.CANCEL:
             for key in p.unpack_ids(frames[1]):
-                task = self._tasks.get(key)
-                if task is not None:
-                    task.cancel()
+                attempt = self._attempts.get(key)
+                if attempt is not None:
+                    self._cancelled.add(key)
+                    self.runner.abort(attempt)
         elif kind == p.PING:
             if self._incarnation is not None and frames[1] != self._incarnation:
                 self._broker_changed("the broker restarted")
@@ -210,15 +206,18 @@ class WorkerHost:
         p.expect(frames, 4, "TASKS")
         keys = p.unpack_ids(frames[1])
         parts = p.unpack_parts(frames[2], frames[3], 2 * len(keys))
-        server, results = self.server, self._results
-        batch = []
-        tasks = self._tasks
-        for index, key in enumerate(keys):
-            task = Task(run_call, (key, parts[2 * index], parts[2 * index + 1]), results_queue=results)
-            server.accept(task)
-            tasks[key] = task
-            batch.append(task)
-        server.enqueue_accepted(batch)
+        tasks = [
+            Task(run_call, (key, parts[2 * index], parts[2 * index + 1]))
+            for index, key in enumerate(keys)
+        ]
+        try:
+            attempts = self.runner.launch_many(tasks)
+        except (BackendError, ServerNotRunning) as exc:
+            self._give_up(keys, exc)
+            return
+        held = self._attempts
+        for key, attempt in zip(keys, attempts, strict=True):
+            held[key] = attempt
 
     def _apply_levels(self, frame: bytes) -> None:
         levels = p.unpack_levels(frame)
@@ -227,13 +226,15 @@ class WorkerHost:
 
     def _broker_changed(self, reason: str) -> None:
         """The tasks held belong to a broker that no longer counts on them: drop them, rejoin."""
-        logger.warning("%s: cancelling %d task(s) and saying hello again", reason, len(self._tasks))
-        for task in list(self._tasks.values()):
-            task.cancel()
-        self._tasks.clear()
+        logger.warning("%s: cancelling %d task(s) and saying hello again", reason, len(self._attempts))
+        attempts = list(self._attempts.values())
+        self._attempts.clear()  # what is reported of them from now on is dropped
+        self._cancelled.clear()
         self._started.clear()
         self._logs.clear()
-        self._done.clear()
+        self._results.clear()
+        for attempt in attempts:
+            self.runner.abort(attempt)
         self._hello()
 
     async def _beat(self) -> None:
@@ -255,19 +256,70 @@ class WorkerHost:
 
     # ================================================================== reporting
 
-    @taskplex.hookimpl
-    def taskplex_task_started(self, task: Task, server: Any) -> None:
-        if server is not self.server:
-            return
-        key = task.args[0]
-        if self._tasks.get(key) is task:
-            found = _TASK_PROCESS.fullmatch(task.worker or "")
+    def _on_started(self, attempt: Attempt, worker: str | None) -> None:
+        key = attempt.task.args[0]
+        if self._attempts.get(key) is attempt:
+            found = _TASK_PROCESS.fullmatch(worker or "")
             self._started[key] = int(found.group(1)) if found else 0
             self._schedule_flush()
 
-    def _finished(self, task: Task) -> None:
-        self._done.append(task)
-        self._wake()
+    def _on_over(
+        self, attempt: Attempt, result: Any, error: BaseException | None, worker: str | None
+    ) -> None:
+        key = attempt.task.args[0]
+        if not self._settle(key, attempt):
+            return  # of a broker that no longer counts on it
+        cancelled = key in self._cancelled
+        self._cancelled.discard(key)
+        if error is None:
+            flag, payload = result  # what run_call returned: the task's own outcome, pickled
+        elif cancelled:
+            flag = p.ERROR
+            payload = dumps_exception(TaskCancelled("its work was stopped on the worker host"))
+        elif (failure := self.runner.failure) is not None and error is failure:
+            flag, payload = p.LOST, f"worker host {self.name}: {failure}".encode()
+            self._give_up([], failure)
+        elif self._stopping:
+            flag, payload = p.LOST, f"worker host {self.name} stopped while the task ran".encode()
+        else:
+            flag, payload = p.ERROR, dumps_exception(error)  # WorkerLost: its process died
+        self._report(key, flag, payload)
+
+    def _on_given_back(self, attempt: Attempt) -> None:
+        key = attempt.task.args[0]
+        if self._attempts.get(key) is not attempt:
+            return
+        if key in self._cancelled or self._stopping:
+            self._settle(key, attempt)
+            self._cancelled.discard(key)
+            self._report(key, p.UNSTARTED, b"")  # the broker hands it elsewhere, unless cancelled
+            return
+        # it never ran (the process holding it died): it is still this host's to run
+        try:
+            self._attempts[key] = self.runner.launch(attempt.task)
+        except (BackendError, ServerNotRunning) as exc:
+            self._settle(key, attempt)
+            self._give_up([key], exc)
+
+    def _settle(self, key: int, attempt: Attempt) -> bool:
+        """Forget the attempt of ``key``; False if the host no longer holds it."""
+        if self._attempts.get(key) is not attempt:
+            return False
+        del self._attempts[key]
+        self._started.pop(key, None)  # not reported yet: the result says it started
+        return True
+
+    def _report(self, key: int, flag: int, payload: bytes) -> None:
+        self._results.append((key, flag, payload))
+        self._schedule_flush()
+
+    def _give_up(self, keys: list[int], error: BaseException) -> None:
+        """The mp backend failed: give ``keys`` back to the broker, and stop serving."""
+        for key in keys:
+            self._report(key, p.UNSTARTED, b"")
+        if self._stop is not None and not self._stop.is_set():
+            logger.error("worker host %s stops: %s", self.name, error)
+            self._stop.set()
 
     def _collect_log(self, key: int, record: bytes) -> None:
         self._logs.append((key, record))
@@ -295,45 +347,22 @@ class WorkerHost:
     def _flush(self) -> None:
         """Send what this turn of the loop gathered: starts, then log records, then results."""
         self._flush_scheduled = False
-        keys: list[int] = []
-        flags = bytearray()
-        payloads: list[bytes] = []
-        if self._done:
-            done, self._done = self._done, []
-            tasks, started = self._tasks, self._started
-            for task in done:
-                key = task.args[0]
-                if tasks.get(key) is not task:
-                    continue  # of a broker that no longer counts on it
-                del tasks[key]
-                started.pop(key, None)  # not reported yet: the result says it started
-                flag, payload = self._outcome(task)
-                keys.append(key)
-                flags.append(flag)
-                payloads.append(payload)
         if self._started:
             started, self._started = self._started, {}
             self._send([p.W_STARTED, p.pack_ids(list(started)), p.pack_ids(list(started.values()))])
         if self._logs:
             logs, self._logs = self._logs, []
             self._send([p.W_LOGS, p.pack_ids([key for key, _ in logs]), *(record for _, record in logs)])
-        if keys:
-            self._send([p.W_RESULTS, p.pack_ids(keys), bytes(flags), *p.pack_parts(payloads)])
-
-    def _outcome(self, task: Task) -> tuple[int, bytes]:
-        if task.status is TaskStatus.SUCCEEDED:
-            flag, payload = task.result
-            return flag, payload
-        if task.status is TaskStatus.CANCELLED:
-            if task.started_at is None:
-                return p.UNSTARTED, b""
-            if self._stopping:
-                return p.LOST, f"worker host {self.name} stopped while the task ran".encode()
-            return p.ERROR, dumps_exception(TaskCancelled("its work was stopped on the worker host"))
-        error = task.exception
-        if error is None:
-            error = WorkerLost(f"task {task.id} ended without a result on {self.name}")
-        return p.ERROR, dumps_exception(error)
+        if self._results:
+            results, self._results = self._results, []
+            self._send(
+                [
+                    p.W_RESULTS,
+                    p.pack_ids([key for key, _, _ in results]),
+                    bytes(flag for _, flag, _ in results),
+                    *p.pack_parts([payload for _, _, payload in results]),
+                ]
+            )
 
 
 def serve(
