@@ -294,6 +294,16 @@ class Cluster:
             if str(name).strip().startswith(prefix)
         }
 
+    def working_directories(self) -> dict[int, str]:
+        """Every job in the queue, with the directory it runs in (one squeue call)."""
+        frame = self.adapter.get_queue_status()
+        if frame is None:
+            raise SchedulerCommandError("pysqa returned no queue status")
+        return {
+            int(job_id): str(directory)
+            for job_id, directory in zip(frame["jobid"], frame["working_directory"], strict=True)
+        }
+
     def cancel(self, job_ids: Sequence[int]) -> None:
         """Cancel these jobs: one through pysqa, many with one scancel call."""
         if not job_ids:

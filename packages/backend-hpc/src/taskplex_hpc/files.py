@@ -3,8 +3,10 @@
 Layout (each written once, atomically, by the side named)::
 
     <workdir>/taskplex-<host>-<pid>-<random>/      the server's run directory (0700)
+        lock                                       held (flock) by the server while it lives
         <attempt>/                                 one attempt's directory (0700)
             call         server → job   the pickled call and the caller's configuration
+            key          server         the task's key, when it has one (see adoption.py)
             started      job → server   "pid host": the job loaded the call and waits for go
             go           server → job   the attempt may start (attempt.started() said True)
             abort        server → job   stop the work now (the job also gets scancel)
@@ -37,6 +39,8 @@ __all__ = [
     "DRAIN_MARGIN",
     "EXIT",
     "GO",
+    "KEY",
+    "LOCK",
     "LOG",
     "OUTPUT",
     "QUEUE",
@@ -58,6 +62,8 @@ GO = "go"
 ABORT = "abort"
 RESULT = "result"
 LOG = "log"
+KEY = "key"
+LOCK = "lock"
 OUTPUT = "job.out"
 ALIVE = "alive"
 """The server's heartbeat in its run directory, touched every poll: jobs waiting for their go

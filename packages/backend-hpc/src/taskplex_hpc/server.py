@@ -21,6 +21,11 @@ Data flow, on the server's event loop unless marked (thread) — blocking work r
     stop() ─► scancel every job of this server still queued, wait until squeue shows none,
               remove the run directory
 
+At start, a server also looks for the run directories of servers in the same ``workdir`` that
+died (:mod:`taskplex_hpc.adoption`): a task with a key (a journal's) whose job finished while
+its client was dead gets that result without a new job, and one whose job still runs is taken
+over; the rest of such runs is cancelled and removed.
+
 A job that has started waits for ``go`` before it runs anything, so a task cancelled while its
 job was pending or starting never runs (``withdraws_launched``). The work of a running task is
 stopped (``cancel_running``, ``timeout_kills_work``) by the job's guard as soon as the server
@@ -74,7 +79,7 @@ from taskplex.backend import Attempt, Backend, BackendContext
 from taskplex.errors import ExceptionPayload, restore_exception
 from taskplex.remote_logging import emit_record, logger_levels, unpack_record
 from taskplex.serialization import dumps_call, loads
-from taskplex_hpc import files
+from taskplex_hpc import adoption, files
 from taskplex_hpc.cluster import (
     Cluster,
     JobEnd,
@@ -120,6 +125,8 @@ class _Job:
     aborted: bool = False
     gone_since: float | None = None
     """When the job was first seen gone from the queue without a result."""
+    adopted: bool = False
+    """Its job was submitted by a server that died, and taken over (see adoption)."""
     log: files.LogReader = field(init=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +178,12 @@ class HPCBackend(Backend):
         self._context: BackendContext | None = None
         self._limits: QueueLimits | None = None
         self._run_directory: Path | None = None
+        self._lock: int | None = None
+        """The lock of the run directory, held while the server lives (see adoption)."""
+        self._stale: list[adoption.Stale] = []
+        """Run directories of dead servers taken over: removed at stop."""
+        self._adopted: dict[str, adoption.Adopted] = {}
+        """Task key -> a dead server's attempt of it that finished or still runs."""
         self._sys_path: list[str] = []
         self._jobs: dict[int, _Job] = {}
         """Attempt id -> job, for every attempt not yet reported over."""
@@ -220,7 +233,14 @@ class HPCBackend(Backend):
             files.make_private_directory, options.workdir / name, timeout=options.command_timeout
         )
         files.touch(self._run_directory / files.ALIVE)
+        self._lock = adoption.hold_lock(self._run_directory)
         self._context = context
+        try:
+            await context.run_blocking(self._adopt, timeout=2 * options.command_timeout + 10)
+        except (SchedulerCommandError, BackendError, OSError) as exc:
+            logger.warning(
+                "the runs of servers that died in %s were not taken over: %s", options.workdir, exc
+            )
         prefetch = self.options.prefetch
         if prefetch is None:
             # packed: a ticket waits for each slot, so that a pilot's slot that frees takes its
@@ -234,18 +254,48 @@ class HPCBackend(Backend):
         context.spawn(self._submit_loop(), name="hpc-submit")
         context.spawn(self._poll_loop(), name="hpc-poll")
 
+    def _adopt(self) -> None:
+        """Take over the runs of servers that died in the same workdir (thread; see adoption)."""
+        assert self._run_directory is not None
+        self._stale = adoption.find_stale(self.options.workdir, self._run_directory)
+        if not self._stale:
+            return
+        adopted, cancel = adoption.collect(self._stale, self.cluster.working_directories())
+        if cancel:
+            self.cluster.cancel(cancel)
+        running = [c.job_id for c in adopted.values() if c.job_id is not None]
+        self._submitted.update(running)  # cancelled at stop unless a task claims them first
+        self._adopted = adopted
+        logger.info(
+            "took over %d run(s) of servers that died: %d finished task(s) to collect, %d job(s) "
+            "still running, %d job(s) cancelled",
+            len(self._stale), len(adopted) - len(running), len(running), len(cancel),
+        )  # fmt: skip
+
     async def stop(self) -> None:
         context, self._context = self._context, None
         if context is None:
             return
         run_directory = self._run_directory
         leftover = sorted(self._submitted)
+        stale, self._stale = self._stale, []
         try:
-            await context.run_blocking(self._cancel_everything, leftover, timeout=STOP_BOUND + 10)
+            await context.run_blocking(
+                self._cancel_everything,
+                leftover,
+                [run.directory for run in stale],
+                timeout=STOP_BOUND + 10,
+            )
         except BackendError as exc:
             logger.error("jobs of this server may be left in the queue: %s", exc)
         if run_directory is not None:
-            await context.run_blocking(shutil.rmtree, run_directory, True, timeout=STOP_BOUND)
+            directories = [run_directory, *(run.directory for run in stale)]
+            await context.run_blocking(_remove_directories, directories, timeout=STOP_BOUND)
+        adoption.release(stale)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+        self._adopted.clear()
         # a server started again begins afresh: new run directory, no jobs, no pilots
         self._jobs.clear()
         self._to_submit.clear()
@@ -256,10 +306,10 @@ class HPCBackend(Backend):
         self._pilots.clear()
         self._run_directory = None
 
-    def _cancel_everything(self, job_ids: list[int]) -> None:
-        """Cancel these jobs and any other job running in this server's directory; wait until
-        none is in the queue (thread)."""
-        run_directory = str(self._run_directory)
+    def _cancel_everything(self, job_ids: list[int], others: list[Path]) -> None:
+        """Cancel these jobs and any other job running in this server's directory or in
+        ``others`` (dead servers' runs taken over); wait until none is in the queue (thread)."""
+        prefixes = tuple(f"{directory}{os.sep}" for directory in [self._run_directory, *others])
         deadline = time.monotonic() + STOP_BOUND
         cancelled: set[int] = set()
         while True:
@@ -276,7 +326,7 @@ class HPCBackend(Backend):
             ours = {
                 int(job_id)
                 for job_id, directory in zip(frame["jobid"], frame["working_directory"], strict=True)
-                if int(job_id) in job_ids or str(directory).startswith(run_directory)
+                if int(job_id) in job_ids or f"{directory}{os.sep}".startswith(prefixes)
             }
             if not ours:
                 return
@@ -329,12 +379,34 @@ class HPCBackend(Backend):
         # the caller's levels as they are now: a level lowered while the server runs applies
         levels = logger_levels()
         for attempt in attempts:
+            key = attempt.task.key
+            if key is not None and key in self._adopted:
+                self._take_over(attempt, self._adopted.pop(key), levels)
+                continue
             job = _Job(attempt, run_directory / str(attempt.id), levels)
             if self.options.pack:
                 job.shape = self._shape(attempt.task)
             self._jobs[attempt.id] = job
             self._to_submit.append(job)
         self._submit_wake.set()
+
+    def _take_over(self, attempt: Attempt, found: adoption.Adopted, levels: dict[str, int]) -> None:
+        """Run ``attempt`` as the attempt of a dead server that ``found`` describes: deliver its
+        result at once, or watch its job that still runs."""
+        job = _Job(attempt, found.directory, levels, adopted=True)
+        pid, host, holder = ([*found.started.split(), "?", "?", "?"])[:3]
+        if pid.isdigit():
+            job.where = (int(pid), host)
+        self._jobs[attempt.id] = job
+        if found.result is None:
+            job.job_id = found.job_id  # watched by the poll loop as if submitted here
+            return
+        where = f"job {holder} of a server that died, collected from {found.directory}"
+        if attempt.started(where):
+            self._report(job, found.result, "", where)
+        else:  # withdrawn meanwhile
+            self._forget(job)
+            attempt.give_back()
 
     def _shape(self, task: Task) -> str:
         cores, memory, _ = self._request(task)
@@ -429,6 +501,9 @@ class HPCBackend(Backend):
     def _write_call(self, job: _Job) -> None:
         files.make_private_directory(job.directory)
         function, arguments = job.attempt.payload
+        key = job.attempt.task.key
+        if key is not None:  # what a later server collects the result by if this one dies
+            files.write_atomically(job.directory / files.KEY, key.encode())
         call = {
             "sys_path": self._sys_path,
             "log_levels": job.log_levels,
@@ -566,7 +641,9 @@ class HPCBackend(Backend):
                 self._to_cancel.difference_update(cancelling)
         pack = self.options.pack
         watched = [
-            job for job in self._jobs.values() if (job.ticket if pack else job.job_id) is not None
+            job
+            for job in self._jobs.values()
+            if (job.job_id if job.adopted or not pack else job.ticket) is not None
         ]
         if not watched and not self._finished and not self._pilots:
             return False
@@ -616,7 +693,7 @@ class HPCBackend(Backend):
                     job.aborted = True
                     assert job.job_id is not None
                     self._cancel(job.job_id)
-            holder_id = job.pilot if pack else job.job_id
+            holder_id = job.pilot if pack and not job.adopted else job.job_id
             if scan.result is not None and not job.aborted:
                 self._report(job, scan.result, scan.output)
             elif scan.exit is not None:
@@ -798,7 +875,9 @@ class HPCBackend(Backend):
 
     async def _report_endings(self, ended: list[_Job], bound: float) -> None:
         assert self._context is not None
-        holders = {job: job.pilot if self.options.pack else job.job_id for job in ended}
+        holders = {
+            job: job.pilot if self.options.pack and not job.adopted else job.job_id for job in ended
+        }
         ids = sorted({holder for holder in holders.values() if holder is not None})
         try:
             endings: dict[int, JobEnd] = await self._context.run_blocking(
@@ -828,10 +907,14 @@ class HPCBackend(Backend):
             self._forget(job)
             job.attempt.failed(error, f"Slurm job {holder}")
 
-    def _report(self, job: _Job, data: bytes | BaseException, output: str) -> None:
+    def _report(
+        self, job: _Job, data: bytes | BaseException, output: str, worker: str | None = None
+    ) -> None:
         self._forget(job)
         attempt = job.attempt
-        worker = f"pilot job {job.pilot}" if self.options.pack else f"Slurm job {job.job_id}"
+        if worker is None:
+            pilot = self.options.pack and not job.adopted
+            worker = f"pilot job {job.pilot}" if pilot else f"Slurm job {job.job_id}"
         if isinstance(data, BaseException):
             attempt.failed(ResultUnreadable(f"the result of {worker} cannot be read: {data}"), worker)
             return
