@@ -8,12 +8,14 @@ exactly one result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,21 @@ class Run:
         command += [str(self.shared), str(self.out), str(self.log)]
         return subprocess.Popen(command, cwd=self.directory, start_new_session=True)
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[subprocess.Popen[bytes]]:
+        """The script started again; killed on the way out if the test failed before its end."""
+        process = self.start()
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=BOUND)
+
+    def open_gate_and_wait(self, process: subprocess.Popen[bytes]) -> None:
+        (self.shared / "gate").touch()
+        assert process.wait(timeout=2 * BOUND) == 0, self.log.read_text()
+
     def markers(self) -> list[int]:
         return sorted(int(path.name.split(".")[0]) for path in self.shared.glob("*.ran"))
 
@@ -84,8 +101,8 @@ class Run:
 
 
 def _finish(run: Run) -> None:
-    second = run.start()
-    assert second.wait(timeout=2 * BOUND) == 0, run.log.read_text()
+    with run.running() as second:
+        assert second.wait(timeout=2 * BOUND) == 0, run.log.read_text()
     assert json.loads(run.out.read_text()) == [x * 10 for x in range(5)]
     assert run.markers() == list(range(5)), "a task ran twice, or never"
     assert queued_job_ids(run.job_name) == []
@@ -107,16 +124,11 @@ def test_jobs_that_finished_while_the_client_was_dead_are_collected_not_run_agai
 def test_jobs_still_running_are_taken_over_by_the_next_run(slurm: None, tmp_path: Path) -> None:
     run = Run(tmp_path, "tp-restart-running")
     jobs = run.kill_while_three_run(run.start())
-    second = run.start()
-    try:
+    with run.running() as second:
         wait_until(lambda: "took over" in run.log.read_text(), "the second run to take over")
         assert "3 job(s) still running" in run.log.read_text()
         assert sorted(queued_job_ids(run.job_name)) == sorted(jobs), "the running jobs were cancelled"
-        (run.shared / "gate").touch()
-        assert second.wait(timeout=2 * BOUND) == 0, run.log.read_text()
-    finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
+        run.open_gate_and_wait(second)
     assert json.loads(run.out.read_text()) == [x * 10 for x in range(5)]
     assert run.markers() == list(range(5)), "a task ran twice, or never"
     assert queued_job_ids(run.job_name) == []
@@ -129,15 +141,10 @@ def test_without_a_journal_the_next_server_cancels_the_jobs_of_a_dead_one(
     run = Run(tmp_path, "tp-restart-orphans", journal=False)
     jobs = run.kill_while_three_run(run.start())
     assert sorted(queued_job_ids(run.job_name)) == sorted(jobs)
-    second = run.start()
-    try:
+    with run.running() as second:
         # nothing can ask for the orphans' results: they are cancelled, not left to run
         wait_until(lambda: not set(jobs) & set(queued_job_ids(run.job_name)), "the orphans to go")
-        (run.shared / "gate").touch()
-        assert second.wait(timeout=2 * BOUND) == 0, run.log.read_text()
-    finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
+        run.open_gate_and_wait(second)
     assert "3 job(s) cancelled" in run.log.read_text()
     assert json.loads(run.out.read_text()) == [x * 10 for x in range(5)]
     assert list(run.workdir.iterdir()) == [], "the runs were not removed"
