@@ -11,11 +11,13 @@ it up, then times only the work. Every pool has 2 worker processes on this machi
 
 Peers that are not installed are reported as such. Writes ``build/bench-zmq.md``.
 
-**Efficiency** is the share of the pool's capacity that went into the tasks' own work: the CPU
-seconds the 5 ms tasks used (each measures its own, in the thread that runs it) over ``WORKERS``
-times the wall-clock seconds of the run. CPU that the pool's other processes take from the task
-processes, and workers left waiting between tasks, both lower it; a task's CPU time does not depend
-on how busy the machine was when a reference run was timed, so it cannot exceed 100%.
+**Efficiency** is the share of the workers' time spent inside the tasks: the seconds from each
+5 ms task's first to its last instruction (each measures its own span), summed, over ``WORKERS``
+times the wall-clock seconds of the run. Workers left waiting between tasks lower it; it cannot
+exceed 100%, and it does not depend on a reference run timed while the machine was busier or
+quieter. **Task CPU share** is the same with each task's own CPU time (``time.thread_time``)
+instead of its span: it is lower also when anything else — the pool's other processes, other
+programs, the hypervisor — takes the CPU from a running task.
 
 **CPU per task** (taskplex only) is the CPU time each process of the pool used while it ran
 no-op tasks, per task, read with psutil: where the overhead of a task is spent.
@@ -131,11 +133,11 @@ def throughput(n: int, kind: str) -> float:
     return n / seconds
 
 
-def spin_cpu(iterations: int) -> float:
-    """Run ``spin(iterations)``; return the CPU seconds it took in the thread that ran it."""
-    start = time.thread_time()
+def spin_cpu(iterations: int) -> tuple[float, float]:
+    """Run ``spin(iterations)``; the seconds it took, and the CPU seconds of the thread that ran it."""
+    start, cpu = time.perf_counter(), time.thread_time()
     spin(iterations)
-    return time.thread_time() - start
+    return time.perf_counter() - start, time.thread_time() - cpu
 
 
 def efficiency(n: int, kind: str, iterations: int) -> dict[str, float]:
@@ -144,9 +146,13 @@ def efficiency(n: int, kind: str, iterations: int) -> dict[str, float]:
         for wait in [submit(spin_cpu, 1) for _ in range(WARM_UP // 10)]:
             wait()
         start = time.perf_counter()
-        busy = sum(wait() for wait in [submit(spin_cpu, iterations) for _ in range(n)])
+        spans = [wait() for wait in [submit(spin_cpu, iterations) for _ in range(n)]]
         seconds = time.perf_counter() - start
-    return {"busy": busy, "seconds": seconds}
+    return {
+        "busy": sum(span for span, _ in spans),
+        "cpu": sum(cpu for _, cpu in spans),
+        "seconds": seconds,
+    }
 
 
 def latency(n: int, kind: str) -> list[float]:
@@ -259,10 +265,20 @@ def main(argv: list[str]) -> int:
         ],
         args.repeats,
     )
-    lines += ["", f"### {tasks:,} CPU-bound tasks of ~5 ms", "", "| pool | efficiency |", "|---|---|"]
+    lines += [
+        "",
+        f"### {tasks:,} CPU-bound tasks of ~5 ms",
+        "",
+        "| pool | efficiency | task CPU share |",
+        "|---|---|---|",
+    ]
     for m in measured:
         value = m.median(lambda s: s["busy"] / WORKERS / s["seconds"])
-        lines.append(f"| {m.candidate.label} | {f'{value:.1%}' if value else m.why_not()} |")
+        if not value:
+            lines.append(f"| {m.candidate.label} | {m.why_not()} | |")
+            continue
+        cpu = m.median(lambda s: s["cpu"] / WORKERS / s["seconds"])
+        lines.append(f"| {m.candidate.label} | {value:.1%} | {cpu:.1%} |")
 
     trips = 100 if args.quick else 1_000
     measured = run_interleaved(
