@@ -183,6 +183,35 @@ def test_shutdown_with_cancel_futures_cancels_what_has_not_started(tmp_path: Pat
     assert len(done) == 4
 
 
+def test_a_cancel_the_loop_delivers_first_is_still_seen_by_wait(tmp_path: Path) -> None:
+    # The loop may deliver the cancelled task (and move its future on to
+    # CANCELLED_AND_NOTIFIED) before Future.cancel() in the caller's thread has recorded the
+    # cancel; recording it then must not move the future back, or wait() never counts it done.
+    # The loop's delivery is made to come first here by holding the caller's thread until then.
+    gate = Gate()
+    with Executor("async", workers=1) as executor:
+        running = executor.submit(gate.pass_through, "ran")
+        gate.wait_for_arrival()
+        queued = executor.submit(touch, tmp_path / "queued")
+        server = executor.server
+        cancel_task = server.cancel_task
+
+        def cancel_then_let_the_loop_deliver(task: Any, **options: Any) -> bool:
+            cancelled = cancel_task(task, **options)
+            wait_until(lambda: queued._state == "CANCELLED_AND_NOTIFIED")
+            return cancelled
+
+        server.cancel_task = cancel_then_let_the_loop_deliver  # type: ignore[method-assign]
+        try:
+            assert queued.cancel() is True
+        finally:
+            del server.cancel_task
+        done, not_done = cf.wait([queued], timeout=BOUND)
+        gate.opened.set()
+    assert (done, not_done) == ({queued}, set())
+    assert running.result(timeout=0) == "ran"
+
+
 def test_wait_and_as_completed_see_cancelled_futures(tmp_path: Path) -> None:
     gate = Gate()
     with Executor("async", workers=1) as executor:

@@ -93,9 +93,18 @@ class TaskFuture(cf.Future[Any]):
         server = self.task._server
         cancelled = server.cancel_task(self.task, running=False) if server else self.task.cancel()
         if cancelled:
-            # the task will never start, so the loop never moves this future to RUNNING: only
-            # this thread changes its state now. The loop wakes waiters when it delivers the task.
-            self._state = "CANCELLED"
+            # The task will never start, so the loop never moves this future to RUNNING; but it
+            # may deliver the cancelled task before this line, moving the future on to
+            # CANCELLED_AND_NOTIFIED, which must not be set back: wait() would not count it done.
+            # So the step is taken under the lock the loop delivers under (the loop wakes waiters
+            # when it delivers the task).
+            condition = self._condition
+            try:
+                condition.acquire()
+                if self._state == "PENDING":
+                    self._state = "CANCELLED"
+            finally:
+                _release_if_held(condition)
             self._invoke_callbacks()
         return cancelled
 
