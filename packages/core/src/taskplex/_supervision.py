@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from taskplex.errors import BackendError
 
-__all__ = ["BLOCKING_THREADS", "Supervision"]
+__all__ = ["BLOCKING_THREADS", "Supervision", "backend_failure"]
 
 T = TypeVar("T")
 
 BLOCKING_THREADS = 4
 """Threads per server for :meth:`BackendContext.run_blocking` calls."""
+
+
+def backend_failure(logger: logging.Logger, what: str, error: BaseException, where: str) -> BackendError:
+    """The BackendError that says ``what`` (a server, a runner) cannot go on because ``where``
+    failed with ``error`` (its cause), logged to ``logger``."""
+    failure = BackendError(f"{what}: {where} failed: {type(error).__name__}: {error}")
+    failure.__cause__ = error
+    logger.error("%s", failure, exc_info=error)
+    return failure
 
 
 class Supervision:

@@ -53,7 +53,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from taskplex._supervision import Supervision
+from taskplex._supervision import Supervision, backend_failure
 from taskplex.backend import LAUNCHED, OVER, STARTED, WITHDRAWN, Attempt, Backend, BackendContext
 from taskplex.errors import BackendError, InvalidOption, ServerNotRunning
 from taskplex.scheduler import ABORT_GRACE, STOP_TIMEOUT, _shielded, check_int
@@ -400,10 +400,7 @@ class Runner:
         """The backend cannot go on: fail every live attempt with the reason, refuse new ones."""
         if self.failure is not None or self._state not in (_STARTING, _RUNNING, _STOPPING):
             return
-        failure = BackendError(f"{self!r}: {where} failed: {type(error).__name__}: {error}")
-        failure.__cause__ = error
-        self.failure = failure
-        logger.error("%s", failure, exc_info=error)
+        self.failure = backend_failure(logger, repr(self), error, where)
         self._later(self._fail_live)
 
     def _fail_live(self) -> None:

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 from taskplex import plugins
 from taskplex._foreign import ForeignTasks, is_foreign_task
-from taskplex._supervision import Supervision
+from taskplex._supervision import Supervision, backend_failure
 from taskplex.backend import (
     LAUNCHED,
     OVER,
@@ -920,10 +920,7 @@ class TaskServer(Server):
         """The backend cannot go on: stop, failing every unfinished task with the reason."""
         if self.failure is not None or self._state not in (_STARTING, _RUNNING, _STOPPING):
             return
-        failure = BackendError(f"{self!r} stopped: {where} failed: {type(error).__name__}: {error}")
-        failure.__cause__ = error
-        self.failure = failure
-        logger.error("%s", failure, exc_info=error)
+        self.failure = backend_failure(logger, f"{self!r} stopped", error, where)
         self._state = _STOPPING
         self._call_on_loop(self._cancel_main)
 
