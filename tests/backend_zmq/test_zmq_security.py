@@ -180,6 +180,17 @@ def registered_worker_messages(rng: random.Random) -> list[list[bytes]]:
             *p.pack_parts([b"late"]),
         ],
         lambda: [p.W_RESULTS, p.pack_ids([3]), b"\x00", p.pack_ids([99]), b"short"],
+        # RESULTS carrying the starts that followed, with those malformed, or a frame short
+        lambda: [p.W_RESULTS, p.pack_ids([4]), b"\x00", *p.pack_parts([b"x"]), rng.randbytes(3), b""],
+        lambda: [p.W_RESULTS, p.pack_ids([5]), b"\x00", *p.pack_parts([b"x"]), p.pack_ids([1, 2])],
+        lambda: [
+            p.W_RESULTS,
+            p.pack_ids([6]),
+            b"\x00",
+            *p.pack_parts([b"x"]),
+            p.pack_ids([1, 2]),
+            p.pack_ids([1]),
+        ],
         lambda: [p.W_LOGS, p.pack_ids([1, 2]), b"record"],
         lambda: [p.C_SUBMIT, p.pack_ids([1]), b"f", b"a"],
     ]

@@ -11,9 +11,11 @@ Payloads of a batch travel as two frames (:func:`pack_parts`): their lengths, an
 Client -> broker: HELLO (version, order mark, session limit, levels JSON), SUBMIT (ids, then the
 parts function, arguments of each task), ABORT (ids), LEVELS (JSON), PING, BYE.
 Worker -> broker: HELLO (version, order mark, capacity, name), STARTED (keys, pids), RESULTS (keys,
-one flag byte per key, the payload parts), LOGS (keys, one record frame per key), PING.
-Broker -> client: WELCOME (incarnation), STARTED (ids, worker name, pids), RESULTS (ids, flags,
-payload parts), LOGS (records), PING (incarnation), UNKNOWN (say HELLO again).
+one flag byte per key, the payload parts, then optionally STARTED's two frames), LOGS (keys, one
+record frame per key), PING.
+Broker -> client: WELCOME (incarnation), STARTED (groups of ids, worker name, pids), RESULTS (ids,
+flags, payload parts, then STARTED's groups if any), LOGS (records), PING (incarnation), UNKNOWN
+(say HELLO again). A finished task and the start of the next one so travel as one message.
 Broker -> worker: WELCOME (incarnation, levels JSON), TASKS (keys, function and arguments parts),
 CANCEL (keys), LEVELS (JSON), PING (incarnation), UNKNOWN.
 """
@@ -24,6 +26,8 @@ import array
 import json
 import sys
 from typing import Any
+
+import zmq
 
 PROTOCOL_VERSION = b"\x01"
 ORDER_MARK = (1).to_bytes(8, sys.byteorder)
@@ -68,12 +72,51 @@ LOST = 3
 """The worker host died or vanished while the task ran; the payload is the reason, UTF-8."""
 FLAGS = frozenset((OK, ERROR, UNSTARTED, LOST))
 
+RESULTS_FRAMES = 5
+"""Frames of a RESULTS message (kind, ids, flags, two payload frames) before any starts it carries."""
+
 MAX_BATCH = 1 << 16
 """Most tasks, results or records in one message; larger batches are malformed."""
 
 
 class Malformed(Exception):
     """A message that does not follow this protocol; the receiver counts and drops it."""
+
+
+# plain ints: pyzmq's flag enums cost more to combine than a short message costs to send
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def send(socket: zmq.Socket[Any], frames: list[bytes], *, block: bool = True) -> None:
+    """Send ``frames`` as one message (``Socket.send_multipart``, leaner); zmq.Again if it would
+    block and not ``block``."""
+    last = len(frames) - 1
+    flags = 0 if block else _NOBLOCK
+    more = flags | _MORE
+    put = socket.send
+    for index in range(last):
+        put(frames[index], more)
+    put(frames[last], flags)
+
+
+def receive(socket: zmq.Socket[Any]) -> list[bytes] | None:
+    """The next whole message waiting in ``socket``, or None if none is (without raising)."""
+    if not socket.getsockopt(_EVENTS) & _POLLIN:
+        return None
+    get = socket.recv
+    frames = [get(_NOBLOCK)]
+    while socket.getsockopt(_RCVMORE):
+        frames.append(get(_NOBLOCK))
+    return frames
+
+
+def readable(socket: zmq.Socket[Any]) -> bool:
+    """Whether a message waits in ``socket`` (whose fd signals only edges)."""
+    return bool(socket.getsockopt(_EVENTS) & _POLLIN)
 
 
 def pack_ids(ids: list[int]) -> bytes:

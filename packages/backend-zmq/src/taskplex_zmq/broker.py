@@ -169,9 +169,8 @@ class Broker:
                 break  # the process that started this broker is gone
             if socket in events:
                 for _ in range(DRAIN):
-                    try:
-                        frames = socket.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                    frames = p.receive(socket)
+                    if frames is None:
                         break
                     self._handle(frames)
                 self._dispatch()
@@ -237,7 +236,7 @@ class Broker:
 
     def _send(self, identity: bytes, frames: list[bytes]) -> bool:
         try:
-            self.socket.send_multipart([identity, *frames], zmq.NOBLOCK)
+            p.send(self.socket, [identity, *frames], block=False)
         except zmq.ZMQError:  # gone (EHOSTUNREACH) or not reading (EAGAIN)
             return False
         return True
@@ -364,7 +363,10 @@ class Broker:
             task_pids.append(pid)
 
     def _worker_results(self, worker: _Worker, frames: list[bytes]) -> None:
-        p.expect(frames, 5, "RESULTS")
+        if len(frames) == p.RESULTS_FRAMES + 2:  # with the starts that followed: STARTED's frames
+            self._worker_started(worker, [p.W_STARTED, *frames[p.RESULTS_FRAMES :]])
+            frames = frames[: p.RESULTS_FRAMES]
+        p.expect(frames, p.RESULTS_FRAMES, "RESULTS")
         keys = p.unpack_ids(frames[1])
         flags = frames[2]
         if len(flags) != len(keys):
@@ -468,8 +470,9 @@ class Broker:
         for worker, keys in self._cancels.items():
             self._send(worker.identity, [p.CANCEL, p.pack_ids(keys)])
         self._cancels.clear()
+        starts: dict[_Client, list[bytes]] = {}
         for (client, name), (ids, pids) in self._started.items():
-            self._send(client.identity, [p.STARTED, p.pack_ids(ids), name.encode(), p.pack_ids(pids)])
+            starts.setdefault(client, []).extend((p.pack_ids(ids), name.encode(), p.pack_ids(pids)))
         self._started.clear()
         for client, records in self._logs.items():
             self._send(client.identity, [p.LOGS, *records])
@@ -480,10 +483,13 @@ class Broker:
                 p.pack_ids([r[0] for r in results]),
                 bytes(r[1] for r in results),
                 *p.pack_parts([r[2] for r in results]),
+                *starts.pop(client, ()),  # one message for both: one wake-up of the client
             ]
             if not self._send(client.identity, frames):
                 client.unsent.extend(results)  # it is away: kept for its return
         self._results.clear()
+        for client, started in starts.items():
+            self._send(client.identity, [p.STARTED, *started])
 
     def _beat(self, now: float) -> None:
         deadline = now - self.heartbeat * self.liveness

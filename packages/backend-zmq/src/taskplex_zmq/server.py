@@ -38,7 +38,7 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
@@ -146,6 +146,7 @@ class ZmqBackend(Backend):
         self._attempts: dict[int, Attempt] = {}
         self._pids: dict[int, int] = {}  # embedded: the local process running a started attempt
         self._outbox: list[Attempt] = []
+        self._waiting: set[int] = set()  # submitted, neither started nor over
         self._aborts: list[int] = []
         self._flush_scheduled = False
         self._incarnation: bytes | None = None
@@ -163,6 +164,7 @@ class ZmqBackend(Backend):
         self._attempts = {}
         self._pids = {}
         self._outbox = []
+        self._waiting = set()
         self._aborts = []
         self._incarnation = None
         self._out_of_touch = False
@@ -285,7 +287,8 @@ class ZmqBackend(Backend):
             pid = self._pids.pop(attempt.id, None)
             if pid is not None:
                 _kill_group(pid)
-        # one still in the outbox is given back there
+        else:  # still in the outbox, maybe held back there: given back at once
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -296,25 +299,43 @@ class ZmqBackend(Backend):
         self._flush_scheduled = False
         if self._socket is None:
             return
-        if self._outbox:
-            assert self._levels is not None
-            levels = self._levels.changed()
-            if levels is not None:
-                self._send([p.C_LEVELS, p.pack_json(levels)])
-            outbox, self._outbox = self._outbox, []
-            attempts = self._attempts
-            wanted = []
-            for attempt in outbox:
-                if not attempt.wanted:
-                    attempt.give_back()
-                    continue
-                attempts[attempt.id] = attempt
-                wanted.append(attempt)
-            if wanted:
-                self._send(_submit_message(wanted))
+        outbox = self._outbox
+        if outbox:
+            if not all(attempt.wanted for attempt in outbox):
+                outbox = self._outbox = self._give_back_unwanted(outbox)
+            if outbox and len(self._waiting) < self._refill_below():
+                assert self._levels is not None
+                levels = self._levels.changed()
+                if levels is not None:
+                    self._send([p.C_LEVELS, p.pack_json(levels)])
+                self._outbox = []
+                attempts = self._attempts
+                for attempt in outbox:
+                    attempts[attempt.id] = attempt
+                self._waiting.update(attempt.id for attempt in outbox)
+                self._send(_submit_message(outbox))
         if self._aborts:
             aborts, self._aborts = self._aborts, []
             self._send([p.C_ABORT, p.pack_ids(aborts)])
+
+    @staticmethod
+    def _give_back_unwanted(outbox: list[Attempt]) -> list[Attempt]:
+        wanted = []
+        for attempt in outbox:
+            if attempt.wanted:
+                wanted.append(attempt)
+            else:
+                attempt.give_back()
+        return wanted
+
+    def _refill_below(self) -> int:
+        """Tasks launched ahead are submitted once fewer than this many wait unstarted there.
+
+        The broker and worker host then take them in batches rather than one message (and one
+        wake-up of each process) per task as slots free up, while enough wait there that no task
+        process runs dry: at least one per worker, and half of what is launched ahead."""
+        assert self._context is not None
+        return max(self._context.workers, self._prefetch // 2)
 
     def _catch_up(self) -> None:
         """Back in touch after a silence: results sent meanwhile may have been lost with the
@@ -333,14 +354,15 @@ class ZmqBackend(Backend):
             logger.warning("the broker restarted: submitting %d task(s) again", len(self._attempts))
             self._outbox[:0] = self._attempts.values()
             self._attempts = {}
+            self._waiting.clear()
             self._schedule_flush()
 
     def _send(self, frames: list[bytes]) -> None:
         socket = self._socket
         if socket is None:
             return
-        socket.send_multipart(frames)
-        if _readable(socket):  # the send may have eaten the edge of the socket's fd
+        p.send(socket, frames)
+        if p.readable(socket):  # the send may have eaten the edge of the socket's fd
             asyncio.get_running_loop().call_soon(self._readable)
 
     # ================================================================== receiving
@@ -348,8 +370,7 @@ class ZmqBackend(Backend):
     def _readable(self) -> None:
         socket = self._socket
         try:
-            while socket is not None and _readable(socket):
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+            while socket is not None and (frames := p.receive(socket)) is not None:
                 self._heard = time.monotonic()
                 if self._out_of_touch:
                     self._out_of_touch = False
@@ -364,20 +385,14 @@ class ZmqBackend(Backend):
     def _handle(self, frames: list[bytes]) -> None:
         kind = frames[0]
         if kind == p.RESULTS:
-            self._results(frames)
+            self._started(frames[p.RESULTS_FRAMES :])  # the starts that came with them, if any
+            self._results(frames[: p.RESULTS_FRAMES])
+            if self._outbox:
+                self._schedule_flush()
         elif kind == p.STARTED:
-            worker = frames[2].decode()
-            attempts = self._attempts
-            pids = self._pids if self._local is not None else None
-            for attempt_id, pid in zip(p.unpack_ids(frames[1]), p.unpack_ids(frames[3]), strict=True):
-                attempt = attempts.get(attempt_id)
-                if attempt is None or pids is None or not pid:
-                    if attempt is not None:
-                        attempt.started(worker)
-                elif attempt.started(worker):
-                    pids[attempt_id] = pid
-                else:
-                    _kill_group(pid)  # withdrawn before this news arrived: the abort is on its way
+            self._started(frames[1:])
+            if self._outbox:
+                self._schedule_flush()
         elif kind == p.LOGS:
             for record in frames[1:]:
                 emit_record(unpack_record(record))
@@ -395,12 +410,32 @@ class ZmqBackend(Backend):
             self._incarnation = None
             self._resubmit()
 
+    def _started(self, frames: list[bytes]) -> None:
+        """Starts, reported in groups of three frames: attempt ids, worker name, process ids."""
+        attempts = self._attempts
+        pids = self._pids if self._local is not None else None
+        waiting = self._waiting
+        for group in range(0, len(frames) - 2, 3):
+            worker = frames[group + 1].decode()
+            ids, task_pids = p.unpack_ids(frames[group]), p.unpack_ids(frames[group + 2])
+            for attempt_id, pid in zip(ids, task_pids, strict=True):
+                waiting.discard(attempt_id)
+                attempt = attempts.get(attempt_id)
+                if attempt is None or pids is None or not pid:
+                    if attempt is not None:
+                        attempt.started(worker)
+                elif attempt.started(worker):
+                    pids[attempt_id] = pid
+                else:
+                    _kill_group(pid)  # withdrawn before this news arrived: the abort is on its way
+
     def _results(self, frames: list[bytes]) -> None:
         ids = p.unpack_ids(frames[1])
         flags = frames[2]
         payloads = p.unpack_parts(frames[3], frames[4], len(ids))
         attempts = self._attempts
         pids = self._pids
+        waiting = self._waiting
         now = time.time()
         seconds = self._seconds
         for index, attempt_id in enumerate(ids):
@@ -408,6 +443,7 @@ class ZmqBackend(Backend):
             if attempt is None:
                 continue  # a duplicate: that attempt was reported over already
             pids.pop(attempt_id, None)
+            waiting.discard(attempt_id)
             # no start reported: the task ended before its worker host could report it alone
             started_at = attempt.task.started_at
             took = 0.0 if started_at is None else now - started_at
@@ -472,11 +508,6 @@ def _kill_group(pid: int) -> None:
         pass
     except PermissionError:
         logger.debug("not allowed to kill task process %d", pid)
-
-
-def _readable(socket: zmq.Socket[bytes]) -> bool:
-    """Whether a message waits (the socket's fd only signals edges, and only for ZeroMQ)."""
-    return bool(cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 class ZmqServer(TaskServer):

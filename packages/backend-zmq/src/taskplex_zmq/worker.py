@@ -32,7 +32,7 @@ import signal
 import socket as socket_module
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
@@ -53,10 +53,6 @@ REHELLO = 10
 """Silences (``heartbeat * liveness``) without a WELCOME after which a HELLO is sent again."""
 _TASK_PROCESS = re.compile(r"pid (\d+)")
 """How the mp backend names the process that runs a task (the ``worker`` of its reports)."""
-
-
-def _readable(socket: zmq.Socket[bytes]) -> bool:
-    return bool(cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def default_name() -> str:
@@ -159,15 +155,14 @@ class WorkerHost:
 
     def _send(self, frames: list[bytes]) -> None:
         socket = self.socket
-        socket.send_multipart(frames)
-        if _readable(socket):  # the send may have eaten the edge of the socket's fd
+        p.send(socket, frames)
+        if p.readable(socket):  # the send may have eaten the edge of the socket's fd
             asyncio.get_running_loop().call_soon(self._readable)
 
     def _readable(self) -> None:
         """Read every message waiting (the loop watches the socket's fd, which signals edges)."""
         socket = self.socket
-        while _readable(socket):
-            frames = socket.recv_multipart(zmq.NOBLOCK)
+        while (frames := p.receive(socket)) is not None:
             self._heard = time.monotonic()
             try:
                 self._handle(frames)
@@ -345,11 +340,16 @@ class WorkerHost:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Send what this turn of the loop gathered: starts, then log records, then results."""
+        """Send what this turn of the loop gathered: log records, then results with the starts.
+
+        A task process reports a result and the start of its next task together, so the starts
+        ride in the RESULTS message when there is one: one message, and one wake-up of the broker
+        and of the client, per finished task."""
         self._flush_scheduled = False
+        started: list[bytes] = []
         if self._started:
-            started, self._started = self._started, {}
-            self._send([p.W_STARTED, p.pack_ids(list(started)), p.pack_ids(list(started.values()))])
+            starts, self._started = self._started, {}
+            started = [p.pack_ids(list(starts)), p.pack_ids(list(starts.values()))]
         if self._logs:
             logs, self._logs = self._logs, []
             self._send([p.W_LOGS, p.pack_ids([key for key, _ in logs]), *(record for _, record in logs)])
@@ -361,8 +361,11 @@ class WorkerHost:
                     p.pack_ids([key for key, _, _ in results]),
                     bytes(flag for _, flag, _ in results),
                     *p.pack_parts([payload for _, _, payload in results]),
+                    *started,
                 ]
             )
+        elif started:
+            self._send([p.W_STARTED, *started])
 
 
 def serve(
