@@ -135,9 +135,11 @@ class Attempt:
 
     __slots__ = (
         "_aborted",
+        "_claimed",
         "_deadline",
         "_lent",
         "_over_gate",
+        "_run_gate",
         "_server",
         "_start_gate",
         "_started_here",
@@ -156,6 +158,8 @@ class Attempt:
         self._aborted = False  # set by a Runner: a TaskServer finishes the task before it aborts
         self._start_gate = [LAUNCHED]
         self._over_gate = [LAUNCHED]
+        self._claimed = False
+        self._run_gate = [LAUNCHED]  # after claim(): started() pops it
         self._started_here = False
         self._lent = False
         self._deadline: float | None = None
@@ -176,6 +180,23 @@ class Attempt:
         withdrawn, stopping); a backend may skip work for it, but must still report it over."""
         return self._state in (LAUNCHED, STARTED) and not self._aborted and not self.task.done()
 
+    def claim(self) -> bool:
+        """Commit to starting the attempt soon; safe from any thread.
+
+        For backends whose work starts far from the server: ask here before the work may
+        start, and let it start only on True. From then on the attempt can no longer be
+        withdrawn (``Future.cancel()`` returns False; ``Task.cancel()`` stops its work where the
+        backend can cancel running work), so a cancel that returned True is never beaten by a
+        start on a remote worker. The attempt is not running yet: report :meth:`started` when its
+        work begins. Returns False if the attempt was withdrawn first: the work must not start.
+        """
+        try:
+            self._start_gate.pop()  # atomic: a withdrawal in another thread pops it, or this does
+        except IndexError:
+            return self._claimed or self._state is STARTED
+        self._claimed = True
+        return True
+
     def started(self, worker: str | None = None) -> bool:
         """Report that the attempt's work began (``worker`` says where); safe from any thread.
 
@@ -183,7 +204,9 @@ class Attempt:
         already began elsewhere) and the attempt is to be reported over, e.g. with give_back().
         """
         try:
-            self._start_gate.pop()  # atomic: a withdrawal in another thread pops it, or this does
+            # atomic: a withdrawal in another thread pops the start gate, or this does; once
+            # claimed, only the run gate is left to pop
+            (self._run_gate if self._claimed else self._start_gate).pop()
         except IndexError:
             return self._state is STARTED
         self._state = STARTED

@@ -430,8 +430,9 @@ class TaskServer(Server):
                 if attempt is not None:
                     self._withdraw(attempt)
             elif not (backend.capabilities.withdraws_launched and self._withdraw(attempt)):
-                # started (or its outcome is on its way to the loop): only stopping it cancels it
-                if attempt._state is not STARTED or not running:
+                # started or claimed (or its outcome is on its way to the loop): only stopping it
+                # cancels it
+                if not running or (attempt._state is not STARTED and not attempt._claimed):
                     return False
                 if not backend.can_cancel_running(task):
                     return False
@@ -476,7 +477,7 @@ class TaskServer(Server):
     @staticmethod
     def _withdraw_as_started(attempt: Attempt) -> bool:
         try:
-            attempt._start_gate.pop()
+            (attempt._run_gate if attempt._claimed else attempt._start_gate).pop()
         except IndexError:
             return False
         return True
