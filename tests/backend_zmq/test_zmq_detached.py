@@ -7,14 +7,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
+import zmq
 import zmq_tasks
 from conftest import BOUND, FAST, Cluster, gone, python_path, wait_until
 
 import taskplex
 from taskplex import Task, TaskCancelled, TaskTimeout
+from taskplex.serialization import dumps_call, loads
+from taskplex_zmq import _protocol as p
 
 
 def test_a_silent_worker_host_is_declared_dead_and_its_late_result_dropped(
@@ -164,3 +168,42 @@ def test_cancel_and_timeout_stop_the_work_on_the_worker_host(cluster: Cluster, t
         assert isinstance(cancelled.exception, TaskCancelled)
         assert not any(zmq_tasks.done(directory, name) for name in ("cancelled", "timed_out"))
         assert executor.submit(zmq_tasks.noop, "next").result(timeout=BOUND) == "next"
+
+
+def test_a_go_that_never_came_is_asked_for_again(cluster: Cluster) -> None:
+    """A worker host starts a task only after its client's GO; if the question (READY) or the
+    answer is lost, with a client that was away for a while, the host asks again a heartbeat
+    later rather than holding the task forever. The client here is a bare socket that ignores
+    the first question."""
+    cluster.start_worker(processes=1)
+    context = zmq.Context()
+    client = context.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    try:
+        client.connect(cluster.address)
+        client.send_multipart([p.C_HELLO, p.PROTOCOL_VERSION, p.ORDER_MARK, p.pack_u32(0), b"{}"])
+
+        def receive(kind: bytes) -> list[bytes]:
+            deadline = time.monotonic() + BOUND
+            while time.monotonic() < deadline:
+                if client.poll(100):
+                    frames = client.recv_multipart()
+                    if frames[0] == kind:
+                        return frames
+            raise AssertionError(f"no {kind!r} from the broker within {BOUND:g} s")
+
+        receive(p.WELCOME)
+        call = dumps_call(zmq_tasks.noop, (42,), {})
+        client.send_multipart([p.C_SUBMIT, p.pack_ids([7]), *p.pack_parts(list(call))])
+        assert p.unpack_ids(receive(p.READY)[1]) == [7]  # ignored: as if it had been lost
+        asked_again = receive(p.READY)
+        assert p.unpack_ids(asked_again[1]) == [7]
+        client.send_multipart([p.C_GO, p.pack_ids([7]), p.pack_ids([])])
+        results = receive(p.RESULTS)
+        assert p.unpack_ids(results[1]) == [7]
+        assert results[2] == bytes([p.OK])
+        assert loads(p.unpack_parts(results[3], results[4], 1)[0]) == 42
+        client.send_multipart([p.C_BYE])
+    finally:
+        client.close()
+        context.term()

@@ -108,3 +108,38 @@ def test_a_client_killed_with_sigkill_leaves_no_process(tmp_path: Path) -> None:
             caller.wait()
         assert caller.stdout is not None
         caller.stdout.close()
+
+
+def test_a_cancel_that_returned_true_is_never_beaten_by_a_start(tmp_path: Path) -> None:
+    """Tasks launched ahead wait at the worker host behind a blocker; each is cancelled and the
+    blocker released at once, so that the cancel races the worker host's next start. A task whose
+    cancel() returned True never runs; one whose cancel() said False (its worker host had it
+    next) runs to its end. Several rounds: the race goes either way."""
+    directory = str(tmp_path)
+    with taskplex.Executor("zmq", workers=1, **FAST) as executor:
+        for round_ in range(5):
+            # short tasks: the server launches several ahead of the one worker
+            for future in [executor.submit(zmq_tasks.nap, 0.002, i) for i in range(40)]:
+                future.result(timeout=BOUND)
+            blocker = executor.submit(zmq_tasks.hold, directory, f"blocker{round_}")
+            wait_until(lambda r=round_: zmq_tasks.runs(directory, f"blocker{r}"), "the blocker to start")
+            names = [f"r{round_}q{i}" for i in range(12)]
+            queued = [executor.submit(zmq_tasks.hold, directory, name) for name in names]
+            cancelled = [future.cancel() for future in queued]
+            zmq_tasks.release(directory, f"blocker{round_}")
+            for name in names:
+                zmq_tasks.release(directory, name)
+            blocker.result(timeout=BOUND)
+            for name, future, was_cancelled in zip(names, queued, cancelled, strict=True):
+                if was_cancelled:
+                    assert future.cancelled()
+                else:
+                    assert future.result(timeout=BOUND) == zmq_tasks.runs(directory, name)[0]
+            executor.submit(zmq_tasks.noop).result(timeout=BOUND)  # every straggler reported
+            ran = [
+                name
+                for name, was_cancelled in zip(names, cancelled, strict=True)
+                if was_cancelled and zmq_tasks.runs(directory, name)
+            ]
+            assert not ran, f"round {round_}: tasks whose cancel() returned True ran: {ran}"
+            assert any(cancelled), "no task was launched ahead and withdrawn"

@@ -160,6 +160,9 @@ def registered_hostile_messages(rng: random.Random, call: tuple[bytes, bytes]) -
         lambda: [p.C_LEVELS, rng.randbytes(12)],
         lambda: [p.C_LEVELS, b"[1, 2]"],
         lambda: [p.W_RESULTS, p.pack_ids([1]), b"\x00", b"x"],
+        lambda: [p.C_GO],
+        lambda: [p.C_GO, p.pack_ids([1]), rng.randbytes(3)],
+        lambda: [p.C_GO, rng.randbytes(9), p.pack_ids([2])],
         lambda: [b"\x00" * rng.randrange(1, 4)],
     ]
     messages = [rng.choice(shapes)() for _ in range(4000)]
@@ -191,6 +194,9 @@ def registered_worker_messages(rng: random.Random) -> list[list[bytes]]:
             p.pack_ids([1, 2]),
             p.pack_ids([1]),
         ],
+        lambda: [p.W_READY],
+        lambda: [p.W_READY, rng.randbytes(5)],
+        lambda: [p.W_READY, p.pack_ids([rng.randrange(1, 1 << 60)])],
         lambda: [p.W_LOGS, p.pack_ids([1, 2]), b"record"],
         lambda: [p.C_SUBMIT, p.pack_ids([1]), b"f", b"a"],
     ]

@@ -51,3 +51,8 @@ def release(directory: str, name: str) -> None:
 
 def done(directory: str, name: str) -> bool:
     return (Path(directory) / f"{name}.done").exists()
+
+
+def nap(seconds: float, value: object = None) -> object:
+    time.sleep(seconds)
+    return value

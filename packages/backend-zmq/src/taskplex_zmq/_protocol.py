@@ -9,15 +9,20 @@ routes payload frames it does not look into, so a hostile frame can at worst be 
 Payloads of a batch travel as two frames (:func:`pack_parts`): their lengths, and their bytes.
 
 Client -> broker: HELLO (version, order mark, session limit, levels JSON), SUBMIT (ids, then the
-parts function, arguments of each task), ABORT (ids), LEVELS (JSON), PING, BYE.
-Worker -> broker: HELLO (version, order mark, capacity, name), STARTED (keys, pids), RESULTS (keys,
-one flag byte per key, the payload parts, then optionally STARTED's two frames), LOGS (keys, one
-record frame per key), PING.
-Broker -> client: WELCOME (incarnation), STARTED (groups of ids, worker name, pids), RESULTS (ids,
-flags, payload parts, then STARTED's groups if any), LOGS (records), PING (incarnation), UNKNOWN
-(say HELLO again). A finished task and the start of the next one so travel as one message.
+parts function, arguments of each task), GO (ids that may start, ids that may not), ABORT (ids),
+LEVELS (JSON), PING, BYE.
+Worker -> broker: HELLO (version, order mark, capacity, name), READY (keys it would start),
+STARTED (keys, pids), RESULTS (keys, one flag byte per key, the payload parts, then optionally
+STARTED's two frames), LOGS (keys, one record frame per key), PING.
+Broker -> client: WELCOME (incarnation), READY (ids), STARTED (groups of ids, worker
+name, pids), RESULTS (ids, flags, payload parts, then STARTED's groups if any), LOGS (records),
+PING (incarnation), UNKNOWN (say HELLO again). A finished task and the start of the next one so
+travel as one message.
 Broker -> worker: WELCOME (incarnation, levels JSON), TASKS (keys, function and arguments parts),
-CANCEL (keys), LEVELS (JSON), PING (incarnation), UNKNOWN.
+GO (keys), CANCEL (keys), LEVELS (JSON), PING (incarnation), UNKNOWN.
+
+A worker host starts a task only after its client said GO, having committed to it there
+(``Attempt.claim``): a cancel that withdrew the task first is never beaten by its start.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import zmq
 
-PROTOCOL_VERSION = b"\x01"
+PROTOCOL_VERSION = b"\x02"
 ORDER_MARK = (1).to_bytes(8, sys.byteorder)
 """Sent in HELLO: a peer with the other byte order would misread every packed id."""
 
@@ -40,7 +45,8 @@ C_ABORT = b"A"
 C_LEVELS = b"L"
 C_PING = b"P"
 C_BYE = b"B"
-CLIENT_KINDS = frozenset((C_HELLO, C_SUBMIT, C_ABORT, C_LEVELS, C_PING, C_BYE))
+C_GO = b"G"
+CLIENT_KINDS = frozenset((C_HELLO, C_SUBMIT, C_ABORT, C_LEVELS, C_PING, C_BYE, C_GO))
 
 # ------------------------------------------------------------------ worker -> broker
 W_HELLO = b"h"
@@ -48,7 +54,8 @@ W_STARTED = b"s"
 W_RESULTS = b"r"
 W_LOGS = b"l"
 W_PING = b"p"
-WORKER_KINDS = frozenset((W_HELLO, W_STARTED, W_RESULTS, W_LOGS, W_PING))
+W_READY = b"y"
+WORKER_KINDS = frozenset((W_HELLO, W_STARTED, W_RESULTS, W_LOGS, W_PING, W_READY))
 
 # ------------------------------------------------------------------ broker -> peers
 WELCOME = b"W"
@@ -56,6 +63,8 @@ STARTED = b"s"
 RESULTS = b"r"
 LOGS = b"l"
 TASKS = b"T"
+READY = b"y"
+GO = b"G"
 CANCEL = b"C"
 LEVELS = b"L"
 PING = b"P"

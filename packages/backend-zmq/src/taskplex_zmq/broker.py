@@ -129,6 +129,8 @@ class Broker:
         self._results: dict[_Client, list[tuple[int, int, bytes]]] = {}
         self._logs: dict[_Client, list[bytes]] = {}
         self._cancels: dict[_Worker, list[int]] = {}
+        self._asks: dict[_Client, list[int]] = {}  # READY to clients: attempt ids
+        self._gos: dict[_Worker, list[int]] = {}  # GO to worker hosts: keys
         self._stopping = False
         self._handlers: dict[bytes, Callable[[bytes, list[bytes], float], None]] = {
             p.C_HELLO: self._client_hello,
@@ -137,6 +139,7 @@ class Broker:
         self._client_handlers: dict[bytes, Callable[[_Client, list[bytes]], None]] = {
             p.C_SUBMIT: self._submit,
             p.C_ABORT: self._abort,
+            p.C_GO: self._go,
             p.C_LEVELS: self._set_levels,
             p.C_PING: lambda client, frames: None,
             p.C_BYE: self._bye,
@@ -145,6 +148,7 @@ class Broker:
             p.W_STARTED: self._worker_started,
             p.W_RESULTS: self._worker_results,
             p.W_LOGS: self._worker_logs,
+            p.W_READY: self._worker_ready,
             p.W_PING: lambda worker, frames: None,
         }
 
@@ -286,7 +290,24 @@ class Broker:
 
     def _abort(self, client: _Client, frames: list[bytes]) -> None:
         p.expect(frames, 2, "ABORT")
-        for attempt in p.unpack_ids(frames[1]):
+        self._abort_ids(client, p.unpack_ids(frames[1]))
+
+    def _go(self, client: _Client, frames: list[bytes]) -> None:
+        """The client's answer to READY: tasks that may start, and tasks that may not."""
+        p.expect(frames, 3, "GO")
+        go, refused = p.unpack_ids(frames[1]), p.unpack_ids(frames[2])
+        jobs, gos = self.jobs, self._gos
+        for attempt in go:
+            key = client.attempts.get(attempt)
+            if key is None:
+                continue  # already reported
+            job = jobs[key]
+            if job.worker is not None and not job.aborted:
+                gos.setdefault(job.worker, []).append(key)
+        self._abort_ids(client, refused)
+
+    def _abort_ids(self, client: _Client, attempts: list[int]) -> None:
+        for attempt in attempts:
             key = client.attempts.get(attempt)
             if key is None:
                 continue  # already reported
@@ -323,6 +344,7 @@ class Broker:
         self._logs.pop(client, None)
         for pair in [pair for pair in self._started if pair[0] is client]:
             del self._started[pair]
+        self._asks.pop(client, None)
 
     def _make_ready(self, client: _Client) -> None:
         if not client.ready and client.queue and (not client.limit or client.in_flight < client.limit):
@@ -362,6 +384,15 @@ class Broker:
             ids.append(job.attempt)
             task_pids.append(pid)
 
+    def _worker_ready(self, worker: _Worker, frames: list[bytes]) -> None:
+        """The worker host would start these: ask their clients (see GO)."""
+        p.expect(frames, 2, "READY")
+        asks = self._asks
+        for key in p.unpack_ids(frames[1]):
+            job = self._held_job(worker, key)
+            if job is not None and not job.aborted:  # else its CANCEL is on the way
+                asks.setdefault(job.client, []).append(job.attempt)
+
     def _worker_results(self, worker: _Worker, frames: list[bytes]) -> None:
         if len(frames) == p.RESULTS_FRAMES + 2:  # with the starts that followed: STARTED's frames
             self._worker_started(worker, [p.W_STARTED, *frames[p.RESULTS_FRAMES :]])
@@ -400,6 +431,7 @@ class Broker:
         """A worker host is gone: what it started is LOST, what it held goes back to the queue."""
         self.workers.pop(worker.identity, None)
         self._cancels.pop(worker, None)
+        self._gos.pop(worker, None)
         logger.warning(
             "worker host %s lost (%s) holding %d task(s)", worker.name, reason, len(worker.held)
         )
@@ -467,6 +499,12 @@ class Broker:
                     self._lost(worker, "stopped reading")
 
     def _flush(self) -> None:
+        for worker, keys in self._gos.items():  # before any CANCEL of the same keys
+            self._send(worker.identity, [p.GO, p.pack_ids(keys)])
+        self._gos.clear()
+        for client, attempts in self._asks.items():
+            self._send(client.identity, [p.READY, p.pack_ids(attempts)])
+        self._asks.clear()
         for worker, keys in self._cancels.items():
             self._send(worker.identity, [p.CANCEL, p.pack_ids(keys)])
         self._cancels.clear()

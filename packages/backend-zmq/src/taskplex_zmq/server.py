@@ -389,6 +389,8 @@ class ZmqBackend(Backend):
             self._results(frames[: p.RESULTS_FRAMES])
             if self._outbox:
                 self._schedule_flush()
+        elif kind == p.READY:
+            self._ready(frames)
         elif kind == p.STARTED:
             self._started(frames[1:])
             if self._outbox:
@@ -409,6 +411,20 @@ class ZmqBackend(Backend):
             # (with no incarnation: an answer to what we sent before our HELLO was read)
             self._incarnation = None
             self._resubmit()
+
+    def _ready(self, frames: list[bytes]) -> None:
+        """A worker host would start these attempts: commit to each not withdrawn, and say so.
+
+        The worker host starts nothing without this (``Attempt.claim``): a cancel that withdrew
+        an attempt first is never beaten by its start there, and one that comes after can only
+        stop its work."""
+        attempts = self._attempts
+        go: list[int] = []
+        refused: list[int] = []
+        for attempt_id in p.unpack_ids(frames[1]):
+            attempt = attempts.get(attempt_id)
+            (go if attempt is not None and attempt.claim() else refused).append(attempt_id)
+        self._send([p.C_GO, p.pack_ids(go), p.pack_ids(refused)])
 
     def _started(self, frames: list[bytes]) -> None:
         """Starts, reported in groups of three frames: attempt ids, worker name, process ids."""

@@ -104,6 +104,9 @@ class WorkerHost:
             on_given_back=self._on_given_back,
         )
         self._attempts: dict[int, Attempt] = {}  # key -> the attempt running it (its task's args[0])
+        self._asked: dict[int, Task] = {}  # taken; waiting for its client's GO (READY sent)
+        self._ready: list[int] = []  # keys to ask about, not sent yet
+        self._unanswered: set[int] = set()  # asked at least a heartbeat ago: asked again
         self._cancelled: set[int] = set()  # keys the broker cancelled, not yet reported
         self._started: dict[int, int] = {}  # key -> pid of its task process, not yet reported
         self._logs: list[tuple[int, bytes]] = []
@@ -139,6 +142,9 @@ class WorkerHost:
                     beat.cancel()
                 finally:
                     self._stopping = True
+                    for key in self._asked:  # none of them started: others run them
+                        self._report(key, p.UNSTARTED, b"")
+                    self._asked.clear()
                     await self.runner.stop()
                     self._flush()
         finally:
@@ -174,12 +180,16 @@ class WorkerHost:
         if kind == p.TASKS:
             if self._joined:  # else: sent before the broker read our HELLO; it hands them elsewhere
                 self._take(frames)
+        elif kind == p.GO:
+            self._go(p.unpack_ids(frames[1]))
         elif kind == p.CANCEL:
             for key in p.unpack_ids(frames[1]):
                 attempt = self._attempts.get(key)
                 if attempt is not None:
                     self._cancelled.add(key)
                     self.runner.abort(attempt)
+                elif self._asked.pop(key, None) is not None:
+                    self._report(key, p.UNSTARTED, b"")  # it never started here
         elif kind == p.PING:
             if self._incarnation is not None and frames[1] != self._incarnation:
                 self._broker_changed("the broker restarted")
@@ -198,21 +208,36 @@ class WorkerHost:
             raise p.Malformed(f"kind {kind[:8]!r}")
 
     def _take(self, frames: list[bytes]) -> None:
+        """Tasks from the broker: ask their clients whether they may start (see GO).
+
+        A task starts here only once its client said GO, having committed to it there
+        (``Attempt.claim``): a cancel that withdrew it first is never beaten by its start here,
+        and one that comes later stops its work. Asked at once, for the whole batch, the round
+        trip overlaps the tasks ahead of it.
+        """
         p.expect(frames, 4, "TASKS")
         keys = p.unpack_ids(frames[1])
         parts = p.unpack_parts(frames[2], frames[3], 2 * len(keys))
-        tasks = [
-            Task(run_call, (key, parts[2 * index], parts[2 * index + 1]))
-            for index, key in enumerate(keys)
-        ]
-        try:
-            attempts = self.runner.launch_many(tasks)
-        except (BackendError, ServerNotRunning) as exc:
-            self._give_up(keys, exc)
+        asked = self._asked
+        for index, key in enumerate(keys):
+            asked[key] = Task(run_call, (key, parts[2 * index], parts[2 * index + 1]))
+        self._ready.extend(keys)
+        self._schedule_flush()
+
+    def _go(self, keys: list[int]) -> None:
+        """Their clients committed to these tasks: start them."""
+        asked = self._asked
+        tasks = [(key, task) for key in keys if (task := asked.pop(key, None)) is not None]
+        if not tasks:
             return
-        held = self._attempts
-        for key, attempt in zip(keys, attempts, strict=True):
-            held[key] = attempt
+        try:
+            attempts = self.runner.launch_many([task for _, task in tasks])
+        except (BackendError, ServerNotRunning) as exc:
+            self._give_up([key for key, _ in tasks], exc)
+            return
+        running = self._attempts
+        for (key, _), attempt in zip(tasks, attempts, strict=True):
+            running[key] = attempt
 
     def _apply_levels(self, frame: bytes) -> None:
         levels = p.unpack_levels(frame)
@@ -224,6 +249,8 @@ class WorkerHost:
         logger.warning("%s: cancelling %d task(s) and saying hello again", reason, len(self._attempts))
         attempts = list(self._attempts.values())
         self._attempts.clear()  # what is reported of them from now on is dropped
+        self._asked.clear()
+        self._ready.clear()
         self._cancelled.clear()
         self._started.clear()
         self._logs.clear()
@@ -248,6 +275,17 @@ class WorkerHost:
                 self._broker_changed("the broker is silent")
                 continue
             self._send(ping)
+            self._ask_again()
+
+    def _ask_again(self) -> None:
+        """Ask again about tasks asked a heartbeat ago and still without an answer: the READY or
+        the GO may have been lost with a client that was away for a while."""
+        asked = self._asked
+        again = [key for key in self._unanswered if key in asked]
+        self._unanswered = set(asked)
+        if again:
+            self._ready.extend(again)
+            self._schedule_flush()
 
     # ================================================================== reporting
 
@@ -346,6 +384,9 @@ class WorkerHost:
         ride in the RESULTS message when there is one: one message, and one wake-up of the broker
         and of the client, per finished task."""
         self._flush_scheduled = False
+        if self._ready:
+            ready, self._ready = self._ready, []
+            self._send([p.W_READY, p.pack_ids(ready)])
         started: list[bytes] = []
         if self._started:
             starts, self._started = self._started, {}
