@@ -11,7 +11,7 @@ Payloads of a batch travel as two frames (:func:`pack_parts`): their lengths, an
 Client -> broker: HELLO (version, order mark, session limit, levels JSON), SUBMIT (ids, then the
 parts function, arguments of each task), GO (ids that may start, ids that may not), ABORT (ids),
 LEVELS (JSON), PING, BYE.
-Worker -> broker: HELLO (version, order mark, capacity, name), READY (keys it would start),
+Worker -> broker: HELLO (version, order mark, capacity, name), READY (keys it still waits for),
 STARTED (keys, pids), RESULTS (keys, one flag byte per key, the payload parts, then optionally
 STARTED's two frames), LOGS (keys, one record frame per key), PING.
 Broker -> client: WELCOME (incarnation), READY (ids), STARTED (groups of ids, worker
@@ -22,7 +22,9 @@ Broker -> worker: WELCOME (incarnation, levels JSON), TASKS (keys, function and 
 GO (keys), CANCEL (keys), LEVELS (JSON), PING (incarnation), UNKNOWN.
 
 A worker host starts a task only after its client said GO, having committed to it there
-(``Attempt.claim``): a cancel that withdrew the task first is never beaten by its start.
+(``Attempt.claim``): a cancel that withdrew the task first is never beaten by its start. The
+broker asks the client (READY) as it hands the task out; the worker host asks again about a task
+it still holds a heartbeat later, in case the question or the answer was lost.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import array
 import json
 import sys
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -114,7 +116,7 @@ def send(socket: zmq.Socket[Any], frames: list[bytes], *, block: bool = True) ->
 
 def receive(socket: zmq.Socket[Any]) -> list[bytes] | None:
     """The next whole message waiting in ``socket``, or None if none is (without raising)."""
-    if not socket.getsockopt(_EVENTS) & _POLLIN:
+    if not cast(int, socket.getsockopt(_EVENTS)) & _POLLIN:
         return None
     get = socket.recv
     frames = [get(_NOBLOCK)]
@@ -125,7 +127,7 @@ def receive(socket: zmq.Socket[Any]) -> list[bytes] | None:
 
 def readable(socket: zmq.Socket[Any]) -> bool:
     """Whether a message waits in ``socket`` (whose fd signals only edges)."""
-    return bool(socket.getsockopt(_EVENTS) & _POLLIN)
+    return bool(cast(int, socket.getsockopt(_EVENTS)) & _POLLIN)
 
 
 def pack_ids(ids: list[int]) -> bytes:
