@@ -262,8 +262,9 @@ def test_cancelling_a_launched_attempt_withdraws_it() -> None:
     assert task.attempts == 0
 
 
-
-def test_a_claimed_attempt_can_no_longer_be_withdrawn_and_runs_when_it_starts() -> None:
+def claim_scenario(steps: Any) -> tuple[Task, Held]:
+    """Submit ``abs(-5)`` to a server on a Held backend, then ``await steps(server, task, attempt)``
+    once it is launched, and wait for its delivery."""
     backend = Held()
     results = ResultsQueue()
 
@@ -272,7 +273,16 @@ def test_a_claimed_attempt_can_no_longer_be_withdrawn_and_runs_when_it_starts() 
         await server.start(task_group)
         task = await server.submit(Task(abs, (-5,), results_queue=results))
         await until(lambda: len(backend.launched) == 1)
-        attempt = backend.launched[0]
+        await steps(server, task, backend.launched[0])
+        assert (await asyncio.wait_for(results.get(), BOUND)) is task
+        await server.stop()
+        return task
+
+    return run_in_group(scenario), backend
+
+
+def test_a_claimed_attempt_can_no_longer_be_withdrawn_and_runs_when_it_starts() -> None:
+    async def steps(server: TaskServer, task: Task, attempt: Attempt) -> None:
         assert attempt.claim() is True
         assert attempt.claim() is True, "claiming again changes nothing"
         cancelled = await asyncio.to_thread(server.cancel_task, task, running=False)
@@ -282,56 +292,32 @@ def test_a_claimed_attempt_can_no_longer_be_withdrawn_and_runs_when_it_starts() 
         assert attempt.started() is True
         assert task.status is TaskStatus.RUNNING
         attempt.succeeded(5)
-        await asyncio.wait_for(results.get(), BOUND)
-        await server.stop()
-        return task
 
-    task = run_in_group(scenario)
+    task, backend = claim_scenario(steps)
     assert task.result == 5
     assert task.attempts == 1
     assert backend.aborted == []
 
 
 def test_a_withdrawn_attempt_cannot_be_claimed() -> None:
-    backend = Held()
-    results = ResultsQueue()
-
-    async def scenario(task_group: asyncio.TaskGroup) -> tuple[Task, Attempt]:
-        server = TaskServer(backend)
-        await server.start(task_group)
-        task = await server.submit(Task(abs, (-5,), results_queue=results))
-        await until(lambda: len(backend.launched) == 1)
-        attempt = backend.launched[0]
+    async def steps(server: TaskServer, task: Task, attempt: Attempt) -> None:
         assert await asyncio.to_thread(server.cancel_task, task, running=False) is True
         assert attempt.claim() is False, "a withdrawn attempt must not start"
         assert attempt.started() is False
-        await asyncio.wait_for(results.get(), BOUND)
-        await server.stop()
-        return task, attempt
 
-    task, attempt = run_in_group(scenario)
+    task, _ = claim_scenario(steps)
     assert task.cancelled()
     assert task.attempts == 0
 
 
 def test_a_claimed_attempt_that_ends_without_a_start_report_counts_as_run() -> None:
-    backend = Held()
-    results = ResultsQueue()
-
-    async def scenario(task_group: asyncio.TaskGroup) -> Task:
-        server = TaskServer(backend)
-        await server.start(task_group)
-        task = await server.submit(Task(abs, (-5,), results_queue=results))
-        await until(lambda: len(backend.launched) == 1)
-        attempt = backend.launched[0]
+    async def steps(server: TaskServer, task: Task, attempt: Attempt) -> None:
         assert attempt.claim() is True
         attempt.succeeded(5)  # its start report was lost, or never sent
-        await asyncio.wait_for(results.get(), BOUND)
+        await until(task.done)
         assert attempt.started() is False, "over: it cannot start again"
-        await server.stop()
-        return task
 
-    task = run_in_group(scenario)
+    task, _ = claim_scenario(steps)
     assert task.result == 5
     assert task.attempts == 1
 
