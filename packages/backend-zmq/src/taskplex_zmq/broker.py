@@ -465,7 +465,7 @@ class Broker:
         ready = self._ready
         if not ready:
             return
-        jobs = self.jobs
+        jobs, asks = self.jobs, self._asks
         for worker in sorted(self.workers.values(), key=lambda w: len(w.held) - w.capacity):
             free = worker.capacity - len(worker.held)
             if free <= 0 or not ready:
@@ -486,6 +486,9 @@ class Broker:
                     job.worker = worker
                     worker.held.add(key)
                     client.in_flight += 1
+                    # the worker host waits for the client's GO: ask the client now, in the
+                    # same turn, rather than when the host has the task (see READY)
+                    asks.setdefault(client, []).append(job.attempt)
                     keys.append(key)
                     parts.append(job.function)
                     parts.append(job.arguments)

@@ -208,12 +208,13 @@ class WorkerHost:
             raise p.Malformed(f"kind {kind[:8]!r}")
 
     def _take(self, frames: list[bytes]) -> None:
-        """Tasks from the broker: ask their clients whether they may start (see GO).
+        """Tasks from the broker, held until their clients say GO.
 
         A task starts here only once its client said GO, having committed to it there
         (``Attempt.claim``): a cancel that withdrew it first is never beaten by its start here,
-        and one that comes later stops its work. Asked at once, for the whole batch, the round
-        trip overlaps the tasks ahead of it.
+        and one that comes later stops its work. The broker asked the clients when it handed
+        the batch out; the host asks again (READY) only about tasks still waiting a heartbeat
+        later.
         """
         p.expect(frames, 4, "TASKS")
         keys = p.unpack_ids(frames[1])
@@ -221,8 +222,6 @@ class WorkerHost:
         asked = self._asked
         for index, key in enumerate(keys):
             asked[key] = Task(run_call, (key, parts[2 * index], parts[2 * index + 1]))
-        self._ready.extend(keys)
-        self._schedule_flush()
 
     def _go(self, keys: list[int]) -> None:
         """Their clients committed to these tasks: start them."""
