@@ -104,9 +104,8 @@ class WorkerHost:
             on_given_back=self._on_given_back,
         )
         self._attempts: dict[int, Attempt] = {}  # key -> the attempt running it (its task's args[0])
-        self._asked: dict[int, Task] = {}  # taken; waiting for its client's GO (READY sent)
-        self._ready: list[int] = []  # keys to ask about, not sent yet
-        self._unanswered: set[int] = set()  # asked at least a heartbeat ago: asked again
+        self._asked: dict[int, Task] = {}  # taken; waiting for its client's GO
+        self._unanswered: set[int] = set()  # waiting since the last heartbeat: asked again
         self._cancelled: set[int] = set()  # keys the broker cancelled, not yet reported
         self._started: dict[int, int] = {}  # key -> pid of its task process, not yet reported
         self._logs: list[tuple[int, bytes]] = []
@@ -249,7 +248,6 @@ class WorkerHost:
         attempts = list(self._attempts.values())
         self._attempts.clear()  # what is reported of them from now on is dropped
         self._asked.clear()
-        self._ready.clear()
         self._cancelled.clear()
         self._started.clear()
         self._logs.clear()
@@ -283,8 +281,7 @@ class WorkerHost:
         again = [key for key in self._unanswered if key in asked]
         self._unanswered = set(asked)
         if again:
-            self._ready.extend(again)
-            self._schedule_flush()
+            self._send([p.W_READY, p.pack_ids(again)])
 
     # ================================================================== reporting
 
@@ -383,9 +380,6 @@ class WorkerHost:
         ride in the RESULTS message when there is one: one message, and one wake-up of the broker
         and of the client, per finished task."""
         self._flush_scheduled = False
-        if self._ready:
-            ready, self._ready = self._ready, []
-            self._send([p.W_READY, p.pack_ids(ready)])
         started: list[bytes] = []
         if self._started:
             starts, self._started = self._started, {}
